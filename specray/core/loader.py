@@ -1,0 +1,112 @@
+"""Load model shards and tokenizers from a Hugging Face checkpoint directory or a GGUF file.
+
+HF directories hold config.json plus model.safetensors or sharded safetensors with an index; a
+shard reads only the tensors of its own layer range. GGUF files are dequantised by transformers
+(needs the `gguf` package). Knows nothing of sampling or Ray."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from specray.core.config import ModelConfig
+from specray.core.model import Shard
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _is_gguf(path: str) -> bool:
+    return str(path).endswith(".gguf")
+
+
+def _gguf_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF file, dequantised to fp32 and named as transformers names it.
+
+    Goes through transformers' GGUF reader directly: `from_pretrained(gguf_file=...)` would also need
+    `accelerate`, which specray does not depend on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    d, f = os.path.split(os.path.abspath(path))
+    with torch.device("meta"):  # only for the tensor-name mapping; holds no weights
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d, gguf_file=f))
+    return load_gguf_checkpoint(os.path.abspath(path), return_tensors=True, model_to_load=model,
+                                torch_dtype=torch.float32)["tensors"]
+
+
+def load_config(path: str) -> ModelConfig:
+    if _is_gguf(path):
+        from transformers import AutoConfig
+        d, f = os.path.split(os.path.abspath(path))
+        return ModelConfig.from_hf(AutoConfig.from_pretrained(d, gguf_file=f).to_dict())
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path}: not a GGUF file and no config.json in it")
+    return ModelConfig.from_hf(json.loads(config_file.read_text()))
+
+
+def _hf_tensors(path: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read the named tensors from single or sharded safetensors."""
+    from safetensors import safe_open
+    index = Path(path) / "model.safetensors.index.json"
+    if index.is_file():
+        where = json.loads(index.read_text())["weight_map"]
+    else:
+        where = {name: "model.safetensors" for name in names}
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted({where[n] for n in names if n in where}):
+        with safe_open(str(Path(path) / file), framework="pt") as f:
+            for name in names:
+                if where.get(name) == file and name in f.keys():
+                    out[name] = f.get_tensor(name)
+    return out
+
+
+def load_shard(path: str, start: int = 0, stop: int | None = None, dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu") -> Shard:
+    """Layers [start, stop) of the model at `path`, on `device` in `dtype`, ready for inference."""
+    cfg = load_config(path)
+    with torch.device("meta"):
+        shard = Shard(cfg, start, stop)
+    wanted = {name: "model." + name if not name.startswith("lm_head") else name
+              for name in shard.state_dict()}
+    for name in wanted:
+        if name.startswith("layers."):
+            i, rest = name.split(".", 2)[1:]
+            wanted[name] = f"model.layers.{int(i) + shard.start}.{rest}"
+    if shard.is_last and cfg.tie_word_embeddings:
+        wanted["lm_head.weight"] = "model.embed_tokens.weight"
+    if _is_gguf(path):
+        source = _gguf_tensors(path)
+        if shard.is_last and "lm_head.weight" not in source:
+            wanted["lm_head.weight"] = "model.embed_tokens.weight"
+    else:
+        source = _hf_tensors(path, list(set(wanted.values())) + ["model.embed_tokens.weight"])
+        if shard.is_last and "lm_head.weight" not in source and not cfg.tie_word_embeddings:
+            wanted["lm_head.weight"] = "model.embed_tokens.weight"
+    missing = [hf for hf in wanted.values() if hf not in source]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    dtype = parse_dtype(dtype)
+    state = {name: source[hf].to(dtype) for name, hf in wanted.items()}
+    shard.load_state_dict(state, assign=True)
+    shard.inv_freq = cfg.inv_freq()
+    return shard.to(device).eval()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    if _is_gguf(path):
+        d, f = os.path.split(os.path.abspath(path))
+        return AutoTokenizer.from_pretrained(d, gguf_file=f)
+    return AutoTokenizer.from_pretrained(path)

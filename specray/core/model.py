@@ -1,0 +1,142 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) cut into layer-range shards.
+
+A `Shard` holds layers [start, stop): the first shard also holds the token embeddings, the last
+the final norm and the LM head. Chaining every shard's `forward` gives the whole model. Each
+forward appends its new tokens' K/V rows to the shard's `KVCache` and lets every new token see the
+committed prefix plus whatever rows its window mask allows, so one call serves prefill, plain
+decoding, chain verification and tree verification alike. Knows nothing of sampling or Ray."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specray.core.config import ModelConfig
+from specray.core.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE (half-split convention). x: [B, n, heads, hd]; cos, sin: [B, n, 1, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, rows, mask):
+        # x: [B, n, H]; k_cache, v_cache: [slots, nkv, max_len, hd]; rows: [B, n]; mask: [B, 1, n, L]
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.nh, self.hd)
+        k = self.k_proj(x).view(b, n, self.nkv, self.hd)
+        v = self.v_proj(x).view(b, n, self.nkv, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        k_cache[slots[:, None], :, rows] = k
+        v_cache[slots[:, None], :, rows] = v
+        length = mask.shape[-1]
+        keys = k_cache[slots, :, :length]  # [B, nkv, L, hd]
+        values = v_cache[slots, :, :length]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             enable_gqa=self.nh != self.nkv)  # [B, nh, n, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, rows, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, slots, rows, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Shard(nn.Module):
+    """Layers [start, stop) of the decoder; parameter names follow transformers (`model.` prefix dropped)."""
+
+    def __init__(self, cfg: ModelConfig, start: int = 0, stop: int | None = None):
+        super().__init__()
+        stop = cfg.num_layers if stop is None else stop
+        if not 0 <= start < stop <= cfg.num_layers:
+            raise ValueError(f"layer range [{start}, {stop}) is not inside [0, {cfg.num_layers})")
+        self.cfg, self.start, self.stop = cfg, start, stop
+        self.is_first, self.is_last = start == 0, stop == cfg.num_layers
+        if self.is_first:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(start, stop))
+        if self.is_last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(len(self.layers), num_slots, max_len, self.cfg.num_kv_heads, self.cfg.head_dim,
+                       p.dtype, p.device)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
+                base: torch.Tensor, window: torch.Tensor, num_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Run n new tokens per sequence through this shard and append their K/V rows.
+
+        x:         [B, n] token ids (first shard) or [B, n, H] hidden states.
+        slots:     [B] KV slots (host tensor).
+        positions: [B, n] RoPE positions.
+        base, window: visibility, as `KVCache.attention_mask` defines them (host tensors).
+        num_valid: [B] how many of the n tokens are real (the rest is padding); default all n.
+        Returns hidden states [B, n, H], normalised by the final norm on the last shard.
+        """
+        n = positions.shape[1]
+        h = self.embed_tokens(x.to(self.inv_freq.device)) if self.is_first else x
+        freqs = positions.to(h.device, torch.float32)[..., None] * self.inv_freq  # [B, n, hd/2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, n, 1, hd]
+        cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)
+        mask, rows = cache.attention_mask(slots, base, window, n, h.dtype)
+        dev_slots = slots.to(h.device)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache.k[i], cache.v[i], dev_slots, rows, mask)
+        cache.lengths[slots] += n if num_valid is None else num_valid
+        return self.norm(h) if self.is_last else h
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head in fp32 over chosen rows. h: [..., H] -> [..., V]."""
+        return self.lm_head(h).float()

@@ -1,0 +1,83 @@
+"""One target stage: a layer range of the target model with its KV slots.
+
+Every stage runs the verification forward over [t0] + the speculation's tree for each sequence;
+the last stage also turns its rows into target probabilities and verifies, so no V-wide tensor
+leaves it. `commit` keeps t0 and the accepted path in this stage's cache. Knows nothing of Ray."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specray.core.batch import Rows, causal_rows, pack
+from specray.core.model import Shard
+from specray.core.sampling import SamplingParams, make_generator, target_probs
+from specray.core.speculation import Speculation
+from specray.core.verify import Outcome, TorchRng, verify_tree
+
+
+@dataclass
+class TargetSeq:
+    slot: int
+    params: SamplingParams
+    rng: TorchRng
+    base: int = 0  # committed length when the last speculation was verified
+
+
+class TargetStage:
+    def __init__(self, shard: Shard, num_slots: int, max_len: int, prefill_chunk: int = 512):
+        self.shard = shard
+        self.cache = shard.new_cache(num_slots, max_len)
+        self.prefill_chunk = prefill_chunk
+        self.seqs: dict[str, TargetSeq] = {}
+
+    @property
+    def num_free(self) -> int:
+        return self.cache.num_free
+
+    def add(self, rid: str, params: SamplingParams) -> None:
+        self.seqs[rid] = TargetSeq(self.cache.allocate(), params, TorchRng(make_generator(params.seed, "target")))
+
+    def remove(self, rid: str) -> None:
+        self.cache.release(self.seqs.pop(rid).slot)
+
+    def prefill(self, rid: str, x: list[int] | torch.Tensor) -> torch.Tensor | None:
+        """Feed all but the last prompt token: ids (first stage) or hidden [1, n, H]. Returns hidden."""
+        slot = torch.tensor([self.seqs[rid].slot])
+        n = len(x) if isinstance(x, list) else x.shape[1]
+        outs = []
+        for i in range(0, n, self.prefill_chunk):
+            j = min(i + self.prefill_chunk, n)
+            rows = pack([causal_rows(list(range(j - i)), i)])
+            chunk = torch.tensor([x[i:j]]) if isinstance(x, list) else x[:, i:j]
+            outs.append(self.shard(chunk, self.cache, slot, rows.positions, rows.base, rows.window))
+        return torch.cat(outs, dim=1) if outs else None
+
+    def forward(self, specs: list[Speculation], x: torch.Tensor | None = None) -> torch.Tensor:
+        """Verification forward. x: hidden [B, n, H] from the previous stage (None on the first).
+        Returns hidden [B, n, H]; row 0 of each sequence is t0, row 1+j is tree node j."""
+        rows = []
+        for spec in specs:
+            seq = self.seqs[spec.rid]
+            seq.base = int(self.cache.lengths[seq.slot])
+            positions = [seq.base] + [seq.base + d for d in spec.tree.depths]
+            rows.append(Rows([spec.root] + spec.tokens, positions, seq.base, spec.tree.mask))
+        p = pack(rows)
+        slots = torch.tensor([self.seqs[s.rid].slot for s in specs])
+        return self.shard(p.x if x is None else x, self.cache, slots, p.positions, p.base, p.window, p.num_valid)
+
+    def verify(self, specs: list[Speculation], hidden: torch.Tensor) -> dict[str, Outcome]:
+        """Last stage only: accept or reject every speculation. hidden: [B, n, H]."""
+        sizes = [1 + s.tree.num_nodes for s in specs]
+        rows = torch.cat([hidden[b, :m] for b, m in enumerate(sizes)])  # [R, H]
+        params = [self.seqs[s.rid].params for s, m in zip(specs, sizes) for _ in range(m)]
+        probs = target_probs(self.shard.logits(rows)[:, None], params)[:, 0].split(sizes)  # [1+N, V] each
+        return {s.rid: verify_tree(s.tree, torch.tensor(s.tokens, dtype=torch.long), p, s.q_ids, s.q_probs,
+                                   s.with_replacement, self.seqs[s.rid].rng)
+                for s, p in zip(specs, probs)}
+
+    def commit(self, outcomes: dict[str, Outcome]) -> None:
+        """Keep t0 and the accepted path's rows contiguously after the committed prefix."""
+        for rid, out in outcomes.items():
+            seq = self.seqs[rid]
+            self.cache.compact(seq.slot, seq.base, [0] + [1 + j for j in out.accepted])

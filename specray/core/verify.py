@@ -1,0 +1,154 @@
+"""Exact verification of a draft's token tree (ALGORITHMS.md §1-2); a chain is branching (1,)*K.
+
+Terminology (as in vLLM's rejection sampler):
+- accepted tokens: the draft tokens the target keeps, a path down from the root;
+- correction token: emitted when every child of the current node is rejected, drawn from the
+  residual target distribution left by those rejections (vLLM calls it "recovered");
+- bonus token: emitted when the walk reaches a leaf, drawn from the target's distribution there.
+A round emits accepted + 1 tokens, and the emitted text has exactly the target's law provided q
+is the law each candidate was really drawn from.
+
+The walk, at a node with target p and children c_1..c_k in draw order: child i's law q_i is the
+draft's q (with replacement) or q with c_1..c_{i-1} removed and renormalised (without). Where
+q_i(c_i) = 0 (support exhausted: greedy, top-p, top-N) c_i is a deterministic candidate and
+q_i = δ(c_i). Accept c_i if U < p(c_i) / q_i(c_i) and descend; else p = norm(max(0, p - q_i)).
+
+Randomness is injected (an `Rng`), so tests can enumerate every branch exactly. Knows nothing of
+models or KV caches; tensors may live on any device, but CPU tensors avoid a sync per decision.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specray.core.tree import Tree
+
+RESIDUAL_EPS = 1e-12  # a residual with no more mass than this is treated as empty: keep p
+
+
+class Rng(Protocol):
+    def accept(self, prob: float) -> bool:
+        """True with probability prob."""
+
+    def sample(self, probs: torch.Tensor) -> int:
+        """One token from probs # [V]."""
+
+
+class TorchRng:
+    """The Rng used in serving: a torch.Generator (e.g. sampling.make_generator(seed, "target"))."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def accept(self, prob: float) -> bool:
+        return torch.rand(1, generator=self.generator, device=self.generator.device).item() < prob
+
+    def sample(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One round's result: accepted node ids (the root's child first) and the correction token
+    (after a rejection) or bonus token (after reaching a leaf)."""
+
+    accepted: tuple[int, ...]
+    token: int
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.accepted)
+
+
+def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)), or p itself when that has ~no mass (p == q in fp; never NaN).
+
+    p, q # [V] fp32."""
+    r = (p - q).clamp_min(0)
+    mass = float(r.sum())
+    return r / mass if mass > RESIDUAL_EPS else p
+
+
+def _without(q: torch.Tensor, token: int) -> torch.Tensor:
+    """The law of the next draw without replacement: q with token removed, renormalised (all-zero
+    once the support is exhausted). q # [V] fp32."""
+    q = q.clone()
+    q[token] = 0
+    mass = float(q.sum())
+    return q / mass if mass > 0 else q
+
+
+def _dense(ids: torch.Tensor, probs: torch.Tensor, vocab: int) -> torch.Tensor:
+    """ids, probs # [Nq] -> the same law as a dense row # [V] fp32."""
+    return torch.zeros(vocab, dtype=torch.float32, device=probs.device).index_put_((ids,), probs.float(), accumulate=True)
+
+
+def _verify_children(children: tuple[int, ...], tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+                     with_replacement: bool, rng: Rng) -> tuple[int | None, torch.Tensor]:
+    """Try children in draw order. tokens # [N]; p, q # [V] fp32 at their parent.
+
+    Returns (the accepted child, None if all rejected) and the residual target distribution."""
+    for child in children:
+        token = int(tokens[child])
+        law = q
+        if float(q[token]) == 0:  # deterministic candidate: point mass
+            law = torch.zeros_like(q)
+            law[token] = 1
+        if rng.accept(min(1.0, float(p[token]) / float(law[token]))):
+            return child, p
+        p = _residual(p, law)
+        if not with_replacement:
+            q = _without(q, token)
+    return None, p
+
+
+def verify_tree(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q_ids: torch.Tensor, q_probs: torch.Tensor,
+                with_replacement: bool, rng: Rng) -> Outcome:
+    """Verify one sequence's tree.
+
+    tokens # [N] node tokens; p # [1+N, V] fp32 target distributions (target_probs): row 0 at the
+    root, row 1+j for the children of node j; q_ids, q_probs # [1+N, Nq] the draft's law
+    (draft_law) at the root (row 0) and at node j (row 1+j); leaf rows are unused. Extra trailing
+    rows (padding) are ignored."""
+    accepted: list[int] = []
+    node = -1
+    while True:
+        target = p[node + 1].float()  # [V]
+        children = tree.children(node)
+        if not children:
+            return Outcome(tuple(accepted), rng.sample(target))  # bonus
+        q = _dense(q_ids[node + 1], q_probs[node + 1], target.numel())  # [V]
+        child, target = _verify_children(children, tokens, target, q, with_replacement, rng)
+        if child is None:
+            return Outcome(tuple(accepted), rng.sample(target))  # correction
+        accepted.append(child)
+        node = child
+
+
+def verify_batch(trees: Sequence[Tree], tokens: Sequence[torch.Tensor] | torch.Tensor,
+                 p: Sequence[torch.Tensor] | torch.Tensor, q_ids: Sequence[torch.Tensor] | torch.Tensor,
+                 q_probs: Sequence[torch.Tensor] | torch.Tensor, with_replacement: bool,
+                 rngs: Sequence[Rng]) -> list[Outcome]:
+    """verify_tree for each sequence b; every argument is indexed by b.
+
+    Lists of per-sequence tensors or padded tensors: tokens # [B, N_max], p # [B, 1+N_max, V],
+    q_ids, q_probs # [B, 1+N_max, Nq]; sequence b reads only the rows of its own tree."""
+    if not len(trees) == len(tokens) == len(p) == len(q_ids) == len(q_probs) == len(rngs):
+        raise ValueError("verify_batch needs one tree, token row, p, q_ids, q_probs and rng per sequence")
+    return [verify_tree(trees[b], tokens[b], p[b], q_ids[b], q_probs[b], with_replacement, rngs[b])
+            for b in range(len(trees))]
+
+
+def accepted_per_position(outcomes: Sequence[Outcome], depth: int) -> list[int]:
+    """Accepted tokens counted by draft position: entry d-1 counts outcomes that accepted a token
+    at depth d (ALGORITHMS.md §5)."""
+    counts = [0] * depth
+    for outcome in outcomes:
+        if outcome.num_accepted > depth:
+            raise ValueError(f"an outcome accepted {outcome.num_accepted} tokens, more than depth {depth}")
+        for d in range(outcome.num_accepted):
+            counts[d] += 1
+    return counts

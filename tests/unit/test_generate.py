@@ -1,0 +1,139 @@
+"""End to end, in process: every mode is lossless.
+
+Greedy: each mode's output equals transformers' own greedy decoding of the target, token for token,
+for a batch of prompts of different lengths. Sampling: the joint law of the first three generated
+tokens equals the target's exact law (chi-square), and a broken rule is caught."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import AutoModelForCausalLM
+
+from specray.core import verify as verify_mod
+from specray.core.generate import generate
+from specray.core.loader import load_shard
+from specray.core.sampling import SamplingParams
+from specray.core.speculation import SpeculationConfig
+
+MODES = [
+    SpeculationConfig("off"),
+    SpeculationConfig("chain", 4),
+    SpeculationConfig("chain", 1),
+    SpeculationConfig("tree", 3, (3, 2, 1)),
+    SpeculationConfig("tree", 2, (2, 2), with_replacement=True),
+]
+
+
+def hf_greedy(path: str, prompt: list[int], n: int) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("spec", MODES, ids=lambda s: f"{s.mode}-{s.num_speculative_tokens}-{s.branching}")
+def test_greedy_equals_target_greedy(tiny_pair, spec):
+    target_dir, draft_dir = tiny_pair
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (1, 5, 12, 30)]
+    expected = [hf_greedy(target_dir, p, 64) for p in prompts]
+    target, draft = load_shard(target_dir), load_shard(draft_dir)
+    outs = generate([target], draft, prompts, SamplingParams(), spec, max_tokens=64)
+    for out, want in zip(outs, expected):
+        assert out.token_ids == want
+        assert out.finish_reason == "length"
+    if spec.mode != "off":
+        assert sum(o.stats.num_accepted_tokens for o in outs) > 0  # the draft really helped somewhere
+
+
+def test_greedy_with_split_target(tiny_pair):
+    target_dir, draft_dir = tiny_pair
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    whole = generate([load_shard(target_dir)], load_shard(draft_dir), prompts, SamplingParams(),
+                     SpeculationConfig("tree", 2, (2, 2)), max_tokens=40)
+    split = generate([load_shard(target_dir, 0, 1), load_shard(target_dir, 1, 2)], load_shard(draft_dir), prompts,
+                     SamplingParams(), SpeculationConfig("tree", 2, (2, 2)), max_tokens=40)
+    assert [o.token_ids for o in whole] == [o.token_ids for o in split]
+
+
+def exact_joint(target_dir: str, prompt: list[int], params: SamplingParams, n: int = 3) -> dict:
+    """P(first n tokens) under the target with the request's temperature/top-p, by enumeration."""
+    from specray.core.sampling import target_probs
+    model = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    vocab = model.config.vocab_size
+    law = {(): 1.0}
+    for _ in range(n):
+        prefixes = list(law)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + list(p) for p in prefixes])).logits[:, -1:]
+        probs = target_probs(logits.float(), [params] * len(prefixes))[:, 0]
+        law = {p + (t,): law[p] * probs[i, t].item() for i, p in enumerate(prefixes) for t in range(vocab)}
+    return law
+
+
+def sample_first_tokens(pair, spec, params, runs=3000):
+    target_dir, draft_dir = pair
+    prompt = [1, 2, 3]
+    outs = generate([load_shard(target_dir)], load_shard(draft_dir), [prompt] * runs,
+                    [SamplingParams(params.temperature, params.top_k, params.top_p, seed=i) for i in range(runs)],
+                    spec, max_tokens=3)
+    return [tuple(o.token_ids[:3]) for o in outs], exact_joint(target_dir, prompt, params)
+
+
+def chi2_pvalue(samples, law) -> float:
+    counts = {k: 0 for k in law}
+    for s in samples:
+        counts[s] += 1
+    n = len(samples)
+    cells = sorted(law, key=law.get, reverse=True)
+    obs, exp, rest_o, rest_e = [], [], 0, 0.0
+    for c in cells:
+        if law[c] * n >= 5:
+            obs.append(counts[c])
+            exp.append(law[c] * n)
+        else:
+            rest_o += counts[c]
+            rest_e += law[c] * n
+    if rest_e > 0:
+        obs.append(rest_o)
+        exp.append(rest_e)
+    total = sum(exp)
+    return chisquare(obs, [e * n / total for e in exp]).pvalue
+
+
+SAMPLED = [
+    (SpeculationConfig("chain", 2), SamplingParams(1.0)),
+    (SpeculationConfig("tree", 2, (2, 2)), SamplingParams(0.8, top_p=0.9)),
+    (SpeculationConfig("tree", 2, (3, 1), with_replacement=True), SamplingParams(1.0)),
+    (SpeculationConfig("off"), SamplingParams(1.0, top_k=5)),
+]
+
+
+@pytest.mark.parametrize("spec,params", SAMPLED, ids=lambda x: str(getattr(x, "mode", "")) or None)
+def test_first_three_tokens_follow_target_law(small_vocab_pair, spec, params):
+    samples, law = sample_first_tokens(small_vocab_pair, spec, params)
+    assert chi2_pvalue(samples, law) > 1e-3
+
+
+def test_broken_rule_is_caught(small_vocab_pair, monkeypatch):
+    """Accepting every draft token (ignoring p/q) must fail the same test."""
+    class AlwaysAccept(verify_mod.TorchRng):
+        def accept(self, prob: float) -> bool:
+            return True
+    monkeypatch.setattr("specray.core.target.TorchRng", AlwaysAccept)
+    samples, law = sample_first_tokens(small_vocab_pair, SpeculationConfig("chain", 2), SamplingParams(1.0))
+    assert chi2_pvalue(samples, law) < 1e-6
+
+
+def test_stats_are_consistent(tiny_pair):
+    target_dir, draft_dir = tiny_pair
+    (out,) = generate([load_shard(target_dir)], load_shard(draft_dir), [[1, 2, 3]], SamplingParams(),
+                      SpeculationConfig("chain", 3), max_tokens=50)
+    s = out.stats
+    assert s.num_draft_tokens == 3 * s.num_steps
+    assert sum(s.accepted_per_position) == s.num_accepted_tokens
+    assert all(a >= b for a, b in itertools.pairwise(s.accepted_per_position))
+    assert s.num_steps + s.num_accepted_tokens >= 50  # every round commits accepted + 1 tokens

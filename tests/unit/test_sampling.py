@@ -1,0 +1,139 @@
+"""Sampling: parameter validation, temperature / top-k / top-p against hand-computed cases, the
+draft's compact law, the order and law of drawn children, and reproducible generators."""
+import itertools
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from specray.core.sampling import (
+    SamplingParams,
+    draft_law,
+    draw_children,
+    make_generator,
+    sample,
+    target_probs,
+)
+
+BASE = [0.1, 0.2, 0.3, 0.4]
+LOGITS = torch.tensor(BASE).log()  # [4]: at T=1 the distribution is BASE
+
+
+def probs_of(params: SamplingParams, logits: torch.Tensor = LOGITS) -> torch.Tensor:
+    """One row through target_probs: logits # [V] -> # [V]."""
+    return target_probs(logits[None, None], [params])[0, 0]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"temperature": -0.1}, "temperature"), ({"temperature": math.inf}, "temperature"),
+    ({"temperature": math.nan}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_k": 1.5}, "top_k"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"top_p": math.nan}, "top_p"),
+    ({"seed": "7"}, "seed"),
+])
+def test_params_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_greedy_property():
+    assert SamplingParams().greedy and not SamplingParams(temperature=0.5).greedy
+
+
+@pytest.mark.parametrize("params, expected", [
+    (SamplingParams(temperature=1.0), BASE),
+    (SamplingParams(temperature=0.5), [x * x / 0.30 for x in BASE]),
+    (SamplingParams(temperature=1.0, top_k=2), [0, 0, 3 / 7, 4 / 7]),
+    (SamplingParams(temperature=1.0, top_p=0.5), [0, 0, 3 / 7, 4 / 7]),  # 0.4 < 0.5: one more
+    (SamplingParams(temperature=1.0, top_p=0.75), [0, 2 / 9, 3 / 9, 4 / 9]),
+    (SamplingParams(temperature=1.0, top_p=0.05), [0, 0, 0, 1]),  # always at least one token
+    # top-p acts on the top-k-renormalised law: [3/7, 4/7], and 4/7 >= 0.5 already
+    (SamplingParams(temperature=1.0, top_k=2, top_p=0.5), [0, 0, 0, 1]),
+    (SamplingParams(temperature=0.5, top_k=3), [0, 0.04 / 0.29, 0.09 / 0.29, 0.16 / 0.29]),
+    (SamplingParams(temperature=0.0, top_k=3), [0, 0, 0, 1]),
+])
+def test_target_probs_hand_computed(params, expected):
+    got = probs_of(params)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32), atol=1e-6, rtol=0)
+
+
+def test_target_probs_mixed_batch_matches_rows_one_by_one():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 11, generator=g)  # [B, n, V]
+    params = [SamplingParams(0.7, top_p=0.9), SamplingParams(), SamplingParams(0.7, top_p=0.9),
+              SamplingParams(1.3, top_k=4)]
+    got = target_probs(logits, params)  # [B, n, V]
+    for b, sp in enumerate(params):
+        torch.testing.assert_close(got[b], target_probs(logits[b:b + 1], [sp])[0])
+    torch.testing.assert_close(got.sum(-1), torch.ones(4, 3))
+    assert torch.equal(got[1].argmax(-1), logits[1].argmax(-1)) and set(got[1].unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="one SamplingParams per sequence"):
+        target_probs(logits, params[:3])
+
+
+def test_greedy_ties_break_to_lower_id_in_both_laws():
+    logits = torch.tensor([0.0, 2.0, 1.0, 2.0])[None, None]  # [1, 1, 4]
+    assert probs_of(SamplingParams(), logits[0, 0]).tolist() == [0, 1, 0, 0]
+    ids, probs = draft_law(logits, [SamplingParams()], 3)
+    assert ids[0, 0].tolist() == [1, 3, 2] and probs[0, 0].tolist() == [1, 0, 0]
+
+
+def test_draft_law_restricts_and_renormalises():
+    logits = torch.tensor([0.1, 0.05, 0.2, 0.25, 0.4]).log()[None, None]  # [1, 1, 5]
+    ids, probs = draft_law(logits, [SamplingParams(1.0)], 3)
+    assert ids[0, 0].tolist() == [4, 3, 2] and ids.dtype == torch.int64
+    torch.testing.assert_close(probs[0, 0], torch.tensor([0.4, 0.25, 0.2]) / 0.85)
+    # top-p 0.5 keeps {0.4, 0.25} of the full law; the third id gets 0
+    ids, probs = draft_law(logits, [SamplingParams(1.0, top_p=0.5)], 3)
+    torch.testing.assert_close(probs[0, 0], torch.tensor([0.4, 0.25, 0.0]) / 0.65)
+    with pytest.raises(ValueError, match="top_n"):
+        draft_law(logits, [SamplingParams(1.0)], 6)
+
+
+def test_draft_law_matches_target_probs_on_its_support():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 50, generator=g)  # [B, n, V]
+    params = [SamplingParams(0.8, top_k=20, top_p=0.9), SamplingParams(1.5)]
+    ids, probs = draft_law(logits, params, 8)  # [B, n, 8]
+    full = target_probs(logits, params).gather(-1, ids)  # [B, n, 8]
+    torch.testing.assert_close(probs, full / full.sum(-1, keepdim=True))
+    assert torch.equal(ids, logits.topk(8, dim=-1).indices)
+
+
+def test_draw_children_order_and_exhaustion():
+    ids = torch.tensor([7, 3, 9, 5])
+    greedy = torch.tensor([1.0, 0, 0, 0])
+    g = make_generator(0, "draft")
+    assert draw_children(ids, greedy, 3, False, g) == [7, 3, 9]  # deterministic candidates in id order
+    assert draw_children(ids, greedy, 3, True, g) == [7, 7, 7]
+    top_p = torch.tensor([0.6, 0.4, 0, 0])
+    seen = {tuple(draw_children(ids, top_p, 4, False, g)) for _ in range(50)}
+    assert seen == {(7, 3, 9, 5), (3, 7, 9, 5)}
+    with pytest.raises(ValueError, match="children"):
+        draw_children(ids, top_p, 5, False, g)
+
+
+def test_draw_children_without_replacement_follows_the_sequential_law():
+    law = [0.5, 0.3, 0.2]
+    ids, probs = torch.tensor([0, 1, 2]), torch.tensor(law)
+    g = make_generator(3, "draft")
+    pairs = list(itertools.permutations(range(3), 2))
+    counts = dict.fromkeys(pairs, 0)
+    n = 6000
+    for _ in range(n):
+        counts[tuple(draw_children(ids, probs, 2, False, g))] += 1
+    expected = [n * law[a] * law[b] / (1 - law[a]) for a, b in pairs]
+    assert stats.chisquare([counts[pr] for pr in pairs], expected).pvalue > 1e-3
+
+
+def test_generators_are_reproducible_and_streams_differ():
+    draw = lambda g: torch.rand(4, generator=g).tolist()
+    assert draw(make_generator(5, "draft")) == draw(make_generator(5, "draft"))
+    assert draw(make_generator(5, "draft")) != draw(make_generator(5, "target"))
+    assert draw(make_generator(5, "draft")) != draw(make_generator(6, "draft"))
+    assert draw(make_generator(None, "draft")) != draw(make_generator(None, "draft"))
+
+
+def test_sample_point_mass():
+    assert sample(torch.tensor([0.0, 0, 1, 0]), make_generator(0, "t")) == 2
