@@ -4,7 +4,11 @@
 and all nodes of a depth together), and records the exact law each node's children were drawn
 from. `commit` keeps the accepted path in the draft's cache. The deepest nodes are never fed to
 the draft, so after a full accept the draft has one token more to feed next round; every round
-simply feeds whatever committed tokens its cache lacks. Knows nothing of Ray."""
+simply feeds whatever committed tokens its cache lacks.
+
+Async (SSD) sequences add a speculation cache: `prepare`, called while the target verifies,
+drafts the next round for the likely outcomes; `commit` looks the real outcome up, and `propose`
+serves a hit at once or falls back to a backup. Knows nothing of Ray."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +19,7 @@ from specray.core.batch import Rows, causal_rows, pack
 from specray.core.model import Shard
 from specray.core.sampling import SamplingParams, draft_law, draw_children, make_generator
 from specray.core.speculation import Speculation, SpeculationConfig
+from specray.core.ssd import SpeculationCache, geometric_fan_out, saguaro
 from specray.core.tree import Tree
 from specray.core.verify import Outcome
 
@@ -27,16 +32,29 @@ class DraftSeq:
     generator: torch.Generator
     slot: int | None
     last: Speculation | None = None
-    base: int = 0      # committed cache length when the last speculation was drafted
-    pending: int = 0   # committed tokens fed at depth 0 of the last speculation
+    base: int = 0      # committed cache rows when `last` was drafted
+    pending: int = 0   # committed tokens fed at depth 0 of `last`
+    cache: SpeculationCache | None = None  # SSD: built while `last` is verified
+    ready: Speculation | None = None       # SSD hit: the next speculation, already drafted
+    lookup: str | None = None              # SSD: "hit" / "miss" for the last outcome, None if no cache
+    accepted: int = 0
+    drafted: int = 0
+
+    @property
+    def fan_out(self) -> tuple[int, ...]:
+        k = self.spec.num_speculative_tokens
+        return self.spec.fan_out or geometric_fan_out(k, (self.accepted + 1) / (self.drafted + 2),
+                                                      self.spec.branch_budget)
 
 
 class Drafter:
-    def __init__(self, shard: Shard, num_slots: int, max_len: int, top_n: int = 8, prefill_chunk: int = 512):
+    def __init__(self, shard: Shard, num_slots: int, max_len: int, top_n: int = 8, prefill_chunk: int = 512,
+                 auto_backup_batch: int = 2):
         self.shard = shard
-        self.top_n = top_n  # width of the compact draft law shipped per tree node
         self.cache = shard.new_cache(num_slots, max_len)
+        self.top_n = top_n  # width of the compact draft law shipped per tree node
         self.prefill_chunk = prefill_chunk
+        self.auto_backup_batch = auto_backup_batch  # b*: fast SSD backup from this many running sequences
         self.seqs: dict[str, DraftSeq] = {}
 
     def add(self, rid: str, prompt: list[int], params: SamplingParams, spec: SpeculationConfig) -> None:
@@ -58,39 +76,58 @@ class Drafter:
         p = pack(rows)
         return self.shard(p.x, self.cache, torch.tensor(slots), p.positions, p.base, p.window, p.num_valid)
 
-    def _laws(self, hidden: torch.Tensor, params: list[SamplingParams]):
-        """hidden [R, H] -> draft law ids, probs [R, top_n]."""
+    def _laws(self, hidden: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [R, H] -> draft law ids, probs [R, top_n], on the host (this step's sync point)."""
         ids, probs = draft_law(self.shard.logits(hidden)[:, None], params, self.top_n)
-        return ids[:, 0], probs[:, 0]
+        return ids[:, 0].cpu(), probs[:, 0].cpu()
+
+    def _new_speculation(self, rid: str, seq: DraftSeq, root: int, tree: Tree) -> Speculation:
+        """An empty speculation to draft into: node tokens and laws are filled by _draw."""
+        return Speculation(rid, root, tree, [0] * tree.num_nodes,
+                           torch.zeros(1 + tree.num_nodes, self.top_n, dtype=torch.long),
+                           torch.zeros(1 + tree.num_nodes, self.top_n), seq.spec.with_replacement)
 
     def propose(self, rids: list[str]) -> list[Speculation]:
-        specs = []
+        """One speculation per sequence: an SSD hit, a fast backup, or freshly drafted."""
+        fast = len(rids) >= self.auto_backup_batch
+        specs, fresh = [], []
         for rid in rids:
             seq = self.seqs[rid]
-            tree, top_n = seq.spec.tree, self.top_n
-            seq.base = 0 if seq.slot is None else int(self.cache.lengths[seq.slot])
-            seq.pending = len(seq.tokens) - seq.base
-            seq.last = Speculation(rid, seq.tokens[-1], tree, [0] * tree.num_nodes,
-                                   torch.zeros(1 + tree.num_nodes, top_n, dtype=torch.long),
-                                   torch.zeros(1 + tree.num_nodes, top_n), seq.spec.with_replacement)
+            stats = {} if seq.lookup is None else {"cache_lookups": 1, "cache_hits": int(seq.lookup == "hit")}
+            if seq.ready is not None:
+                seq.last, seq.ready = seq.ready, None  # base and pending were set when the hit committed
+            else:
+                backup = seq.lookup == "miss" and (seq.spec.backup == "fast" or seq.spec.backup == "auto" and fast)
+                seq.base = 0 if seq.slot is None else int(self.cache.lengths[seq.slot])
+                seq.last = self._new_speculation(rid, seq, seq.tokens[-1], Tree(()) if backup else seq.spec.tree)
+                seq.pending = len(seq.tokens) - seq.base if seq.last.tree.num_nodes else 0
+                if seq.last.tree.num_nodes:
+                    fresh.append(seq)
+            seq.last.stats = stats
             specs.append(seq.last)
-        drafting = [self.seqs[rid] for rid in rids if self.seqs[rid].last.tree.num_nodes]
-        for depth in range(max((s.last.tree.depth for s in drafting), default=0)):
-            level = [s for s in drafting if s.last.tree.depth > depth]
+        self._draft(fresh)
+        return specs
+
+    def _draft(self, seqs: list[DraftSeq]) -> None:
+        """Draft every sequence's tree, one batched forward per depth."""
+        for depth in range(max((s.last.tree.depth for s in seqs), default=0)):
+            level = [s for s in seqs if s.last.tree.depth > depth]
             rows, parents = zip(*(self._level_rows(s, depth) for s in level))
             hidden = self._forward([s.slot for s in level], list(rows))
             picks = torch.cat([hidden[i, torch.tensor(idx)] for i, idx in enumerate(parents)])
-            ids, probs = self._laws(picks, [s.params for s, idx in zip(level, parents) for _ in idx])
+            owners = [s for s, idx in zip(level, parents) for _ in idx]
+            ids, probs = self._laws(picks, [s.params for s in owners])
+            probs = saguaro(probs, [self._fan(s, depth) for s in owners], [s.spec.saguaro_c for s in owners])
             r = 0
-            for s, idx in zip(level, parents):
-                for node in self._parents_at(s.last.tree, depth):
+            for s in level:
+                for node in (-1,) if depth == 0 else s.last.tree.levels[depth - 1]:
                     self._draw(s, node, ids[r], probs[r])
                     r += 1
-        return specs
 
     @staticmethod
-    def _parents_at(tree: Tree, depth: int) -> tuple[int, ...]:
-        return (-1,) if depth == 0 else tree.levels[depth - 1]
+    def _fan(seq: DraftSeq, position: int) -> int:
+        """SSD guesses at this draft position (what Saguaro down-weights); 0 outside async mode."""
+        return seq.fan_out[position] if seq.spec.mode == "async" else 0
 
     def _level_rows(self, seq: DraftSeq, depth: int) -> tuple[Rows, list[int]]:
         """Rows fed at this depth and, per parent node, the row index holding its hidden state."""
@@ -113,12 +150,80 @@ class Drafter:
         for child, token in zip(children, drawn):
             spec.tokens[child] = token
 
+    def prepare(self, rids: list[str]) -> None:
+        """SSD: while the target verifies, draft the next round for each likely outcome (k, b)."""
+        seqs = [s for s in map(self.seqs.get, rids)
+                if s.spec.mode == "async" and s.slot is not None and s.last.tree.num_nodes]
+        if not seqs:
+            return
+        bonus_ids, _ = self._laws(self._forward([s.slot for s in seqs], [self._last_rows(s) for s in seqs])[:, 0],
+                                  [s.params for s in seqs])
+        for s, ids in zip(seqs, bonus_ids):
+            s.cache = self._guess(s, ids)
+        for j in range(max(s.cache.k for s in seqs)):
+            level = [s for s in seqs if s.cache.k > j and s.cache.width]
+            if not level:
+                break
+            hidden = self._forward([s.slot for s in level], [self._branch_rows(s, j) for s in level])
+            m = [s.cache.width for s in level]
+            picks = torch.cat([hidden[i, :w] for i, w in enumerate(m)])
+            owners = [s for s, w in zip(level, m) for _ in range(w)]
+            ids, probs = self._laws(picks, [s.params for s in owners])
+            probs = saguaro(probs, [self._fan(s, j) for s in owners], [s.spec.saguaro_c for s in owners])
+            r = 0
+            for s in level:
+                for branch in s.cache.branches:
+                    branch.q_ids[j], branch.q_probs[j] = ids[r], probs[r]
+                    branch.tokens[j] = draw_children(ids[r], probs[r], 1, False, s.generator)[0]
+                    r += 1
+
+    def _last_rows(self, seq: DraftSeq) -> Rows:
+        """Feed x_K (never fed by propose) to learn the law after a full accept."""
+        k, p = seq.last.tree.num_nodes, seq.pending
+        return Rows([seq.last.tokens[-1]], [seq.base + p - 1 + k], seq.base, torch.ones(1, p + k, dtype=torch.bool))
+
+    def _guess(self, seq: DraftSeq, bonus_ids: torch.Tensor) -> SpeculationCache:
+        """Top-F_k outcomes per position k, excluding the drafted token (it can never be the correction)."""
+        last, k = seq.last, seq.last.tree.num_nodes
+        keys, branches = {}, []
+        for pos, fan in enumerate(seq.fan_out):
+            candidates = last.q_ids[pos].tolist() if pos < k else bonus_ids.tolist()
+            drafted = last.tokens[pos] if pos < k else None
+            for token in [t for t in candidates if t != drafted][:fan]:
+                keys[(pos, token)] = len(branches)
+                branches.append(self._new_speculation(last.rid, seq, token, Tree.chain(k)))
+        return SpeculationCache(seq.base, seq.pending, k, keys, branches)
+
+    def _branch_rows(self, seq: DraftSeq, j: int) -> Rows:
+        """Step j of every branch: b (j = 0) or y_j, seeing pending, x_1..x_k and its own earlier rows."""
+        c = seq.cache
+        p, k, m = c.pending, c.k, c.width
+        outcomes = sorted(c.keys, key=c.keys.get)
+        window = torch.zeros(m, p + k + (j + 1) * m, dtype=torch.bool)
+        window[:, :p] = True
+        for i, (accepted, _) in enumerate(outcomes):
+            window[i, p:p + accepted] = True
+            window[i, [p + k + jj * m + i for jj in range(j + 1)]] = True
+        tokens = [b for _, b in outcomes] if j == 0 else [br.tokens[j - 1] for br in c.branches]
+        positions = [seq.base + p + accepted + j for accepted, _ in outcomes]
+        return Rows(tokens, positions, seq.base, window)
+
     def commit(self, outcomes: dict[str, Outcome]) -> None:
-        """Keep each sequence's accepted path and append its accepted and correction/bonus tokens."""
+        """Keep each sequence's accepted path (and, on an SSD hit, the matching branch)."""
         for rid, out in outcomes.items():
             seq = self.seqs[rid]
-            tree = seq.last.tree
-            if seq.slot is not None:
+            tree, a = seq.last.tree, out.num_accepted
+            seq.accepted, seq.drafted = seq.accepted + a, seq.drafted + tree.depth
+            seq.tokens += [seq.last.tokens[j] for j in out.accepted] + [out.token]
+            cache, seq.cache = seq.cache, None
+            branch = cache.lookup(a, out.token) if cache else None
+            seq.lookup = None if cache is None else "miss" if branch is None else "hit"
+            if seq.slot is None:
+                continue
+            if branch is not None:
+                self.cache.compact(seq.slot, seq.base, cache.kept_rows(branch, a))
+                seq.ready = cache.branches[branch]
+                seq.base, seq.pending = seq.base + seq.pending + a + 1, 0
+            else:
                 fed = [seq.pending + j for j in out.accepted if tree.depths[j] < tree.depth]
                 self.cache.compact(seq.slot, seq.base, list(range(seq.pending)) + fed)
-            seq.tokens += [seq.last.tokens[j] for j in out.accepted] + [out.token]

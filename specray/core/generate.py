@@ -24,6 +24,7 @@ class Completion:
 def run_round(drafter: Drafter, stages: list[TargetStage], rids: list[str]):
     """One verification round for every sequence: propose, verify through the stages, commit."""
     specs = drafter.propose(rids)
+    drafter.prepare(rids)  # SSD drafts the next round here; in the Ray engine this overlaps verification
     hidden = None
     for stage in stages:
         hidden = stage.forward(specs, hidden)
@@ -50,8 +51,7 @@ def generate(target: list[Shard], draft: Shard | None, prompts: list[list[int]],
     specs = spec if isinstance(spec, list) else [spec] * len(prompts)
     if draft is None and any(s.mode != "off" for s in specs):
         raise ValueError("a draft model is needed for speculative modes")
-    depth = max(s.tree.num_nodes for s in specs)
-    max_len = max(len(p) for p in prompts) + max_tokens + depth + 2
+    max_len = max(len(p) for p in prompts) + max_tokens + max(s.draft_rows for s in specs)
     slots = len(prompts)
     drafter = Drafter(draft if draft is not None else target[0], slots, max_len, top_n)
     stages = [TargetStage(shard, slots, max_len) for shard in target]
@@ -70,7 +70,7 @@ def generate(target: list[Shard], draft: Shard | None, prompts: list[list[int]],
         round_specs, outcomes = run_round(drafter, stages, running)
         for spec in round_specs:
             seq, out = seqs[spec.rid], outcomes[spec.rid]
-            seq.stats.record(spec.tree.depth, out)
+            seq.stats.record(spec.tree.depth, out, spec.stats)
             seq.extend([spec.tokens[j] for j in out.accepted] + [out.token])
         for rid in [r for r in running if seqs[r].finish_reason]:
             running.remove(rid)

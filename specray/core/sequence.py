@@ -18,8 +18,11 @@ class SpecStats:
     cache_lookups: int = 0
     cache_hits: int = 0
 
-    def record(self, depth: int, outcome: Outcome) -> None:
+    def record(self, depth: int, outcome: Outcome, draft_stats: dict | None = None) -> None:
+        """Count one round: its draft depth, its outcome and the draft's SSD cache lookup, if any."""
         self.num_steps += 1
+        self.cache_lookups += (draft_stats or {}).get("cache_lookups", 0)
+        self.cache_hits += (draft_stats or {}).get("cache_hits", 0)
         self.num_draft_tokens += depth
         self.num_accepted_tokens += outcome.num_accepted
         if len(self.accepted_per_position) < depth:

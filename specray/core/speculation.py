@@ -10,20 +10,31 @@ import torch
 
 from specray.core.tree import Tree
 
-MODES = ("off", "chain", "tree")
+MODES = ("off", "chain", "tree", "async")
+BACKUPS = ("neural", "fast", "auto")
 
 
 @dataclass(frozen=True)
 class SpeculationConfig:
     """How one request speculates. `off` is target-only decoding; `chain` drafts K tokens; `tree`
-    drafts a token tree with the given branching (K, if set, must equal its depth)."""
+    drafts a token tree with the given branching (K, if set, must equal its depth); `async` (SSD)
+    drafts a K-chain and, while it is verified, the next round for the likely outcomes.
+
+    fan_out: SSD guesses per outcome position k = 0..K (K+1 values; empty = automatic).
+    saguaro_c: SSD down-weight of the draft's top guesses in (0, 1]; 1 is off.
+    backup: what an SSD cache miss falls back to: neural (draft just in time), fast (zero-latency
+    exact proposal), auto (neural below `auto_backup_batch` running sequences, else fast)."""
     mode: str = "chain"
     num_speculative_tokens: int = 4
     branching: tuple[int, ...] = ()
     with_replacement: bool = False
+    fan_out: tuple[int, ...] = ()
+    saguaro_c: float = 1.0
+    backup: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "branching", tuple(int(b) for b in self.branching))
+        object.__setattr__(self, "fan_out", tuple(int(f) for f in self.fan_out))
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not 0 <= self.num_speculative_tokens <= 32:
@@ -40,11 +51,36 @@ class SpeculationConfig:
             if Tree.from_branching(self.branching).num_nodes > 256:
                 raise ValueError(f"branching {list(self.branching)} makes more than 256 tree nodes")
 
+        if self.mode == "async" and self.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be >= 1 in async mode")
+        if self.fan_out and (len(self.fan_out) != self.num_speculative_tokens + 1 or min(self.fan_out) < 0):
+            raise ValueError(f"fan_out needs num_speculative_tokens + 1 = {self.num_speculative_tokens + 1} "
+                             f"non-negative values (one per outcome position k = 0..K), got {list(self.fan_out)}")
+        if sum(self.fan_out) > 64:
+            raise ValueError(f"fan_out {list(self.fan_out)} asks for more than 64 branches")
+        if not 0 < self.saguaro_c <= 1:
+            raise ValueError(f"saguaro_c must be in (0, 1], got {self.saguaro_c}")
+        if self.backup not in BACKUPS:
+            raise ValueError(f"backup must be one of {BACKUPS}, got {self.backup!r}")
+
+    @property
+    def branch_budget(self) -> int:
+        """SSD branches per sequence (M = sum of the fan-out; automatic: 2 per outcome position)."""
+        return sum(self.fan_out) if self.fan_out else 2 * (self.num_speculative_tokens + 1)
+
+    @property
+    def draft_rows(self) -> int:
+        """KV rows one round may write after a sequence's committed tokens, on draft or target."""
+        rows = self.tree.num_nodes + 2
+        if self.mode == "async":
+            rows += 1 + self.num_speculative_tokens * self.branch_budget
+        return rows
+
     @property
     def tree(self) -> Tree:
         if self.mode == "off":
             return Tree(())
-        if self.mode == "chain":
+        if self.mode in ("chain", "async"):
             return Tree.chain(self.num_speculative_tokens)
         return Tree.from_branching(self.branching)
 

@@ -24,6 +24,8 @@ MODES = [
     SpeculationConfig("chain", 1),
     SpeculationConfig("tree", 3, (3, 2, 1)),
     SpeculationConfig("tree", 2, (2, 2), with_replacement=True),
+    SpeculationConfig("async", 3),
+    SpeculationConfig("async", 2, fan_out=(0, 0, 0), backup="fast"),
 ]
 
 
@@ -109,6 +111,9 @@ SAMPLED = [
     (SpeculationConfig("tree", 2, (2, 2)), SamplingParams(0.8, top_p=0.9)),
     (SpeculationConfig("tree", 2, (3, 1), with_replacement=True), SamplingParams(1.0)),
     (SpeculationConfig("off"), SamplingParams(1.0, top_k=5)),
+    (SpeculationConfig("async", 2, saguaro_c=0.5), SamplingParams(1.0)),
+    (SpeculationConfig("async", 2, fan_out=(1, 0, 0), backup="fast"), SamplingParams(1.0)),
+    (SpeculationConfig("async", 2, fan_out=(0, 1, 0), backup="neural"), SamplingParams(0.7, top_p=0.9)),
 ]
 
 
@@ -137,3 +142,23 @@ def test_stats_are_consistent(tiny_pair):
     assert sum(s.accepted_per_position) == s.num_accepted_tokens
     assert all(a >= b for a, b in itertools.pairwise(s.accepted_per_position))
     assert s.num_steps + s.num_accepted_tokens >= 50  # every round commits accepted + 1 tokens
+
+
+def test_ssd_hits_everything_when_draft_is_target(tiny_pair):
+    """With the target as its own draft at temperature 0, every outcome is the predicted full accept."""
+    target_dir, _ = tiny_pair
+    outs = generate([load_shard(target_dir)], load_shard(target_dir), [[1, 2, 3], [7, 8]], SamplingParams(),
+                    SpeculationConfig("async", 3), max_tokens=40)
+    for out in outs:
+        s = out.stats
+        assert s.cache_lookups == s.num_steps - 1  # every round after the first looks up
+        assert s.cache_hits == s.cache_lookups and s.cache_hit_rate == 1.0
+        assert s.num_accepted_tokens == s.num_draft_tokens
+
+
+def test_ssd_misses_are_counted(tiny_pair):
+    target_dir, draft_dir = tiny_pair
+    (out,) = generate([load_shard(target_dir)], load_shard(draft_dir), [[1, 2, 3]], SamplingParams(1.0, seed=3),
+                      SpeculationConfig("async", 3, fan_out=(1, 1, 1, 1), backup="neural"), max_tokens=60)
+    s = out.stats
+    assert 0 < s.cache_lookups and 0 <= s.cache_hits < s.cache_lookups

@@ -1,0 +1,63 @@
+"""Speculative speculative decoding (SSD, "Saguaro"): the speculation cache of one sequence.
+
+While the target verifies a K-chain x_1..x_K, the draft predicts the likely outcomes (k, b) -- k
+accepted tokens, then the correction/bonus token b -- and drafts the next round's K-chain for
+each, all branches batched, one forward per depth, tree-masked over the shared prefix. A hit
+serves the next speculation at once; a miss falls back to a backup. Only the latest round's cache
+is kept. Exactness: every cached token was drawn from the law it ships with (Saguaro's down-weighted
+q' included), and which branch is used depends only on the verification outcome.
+
+Rows of a sequence's draft cache after `base` while a cache is built (P pending rows):
+  [0, P) pending | [P, P+K-1) x_1..x_{K-1} | P+K-1 x_K | then K blocks of M branch rows
+Branch i = (k_i, b_i) feeds b_i, y_1 .. y_{K-1} (row P + K + j*M + i for j = 0..K-1).
+Knows nothing of Ray."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specray.core.speculation import Speculation
+
+def geometric_fan_out(k: int, acceptance: float, budget: int) -> tuple[int, ...]:
+    """F_0..F_K over `budget` branches, proportional to P(exactly k accepted) under i.i.d. acceptance."""
+    a = min(max(acceptance, 0.05), 0.95)
+    weights = [a ** j * (1 - a) for j in range(k)] + [a ** k]
+    raw = [budget * w for w in weights]
+    fan = [int(r) for r in raw]
+    for j in sorted(range(k + 1), key=lambda j: raw[j] - fan[j], reverse=True)[: budget - sum(fan)]:
+        fan[j] += 1
+    return tuple(fan)
+
+
+def saguaro(probs: torch.Tensor, fan: list[int], c: list[float]) -> torch.Tensor:
+    """Down-weight each row's top-F entries by its c and renormalise (ids are sorted by draft logit).
+    probs [R, N]; fan, c: [R]. Returns q' [R, N]: the law the draft then really samples from."""
+    if min(c) >= 1:
+        return probs
+    ranks = torch.arange(probs.shape[1])[None, :]  # [1, N]
+    scale = torch.where(ranks < torch.tensor(fan)[:, None], torch.tensor(c)[:, None], 1.0)  # [R, N]
+    out = probs * scale
+    return out / out.sum(-1, keepdim=True)
+
+
+@dataclass
+class SpeculationCache:
+    """One sequence's cached next rounds, keyed by the outcome (k, b)."""
+    base: int                       # committed draft rows when the cache was built
+    pending: int                    # P
+    k: int                          # K of the speculation being verified
+    keys: dict[tuple[int, int], int]  # (k, b) -> branch index
+    branches: list[Speculation]     # the next round's speculation per branch
+
+    @property
+    def width(self) -> int:          # M
+        return len(self.branches)
+
+    def lookup(self, accepted: int, token: int) -> int | None:
+        return self.keys.get((accepted, token))
+
+    def kept_rows(self, branch: int, accepted: int) -> list[int]:
+        """Rows (relative to base) that stay on a hit: pending, x_1..x_a, then the branch's b, y_1.. y_{K-1}."""
+        p, k, m = self.pending, self.k, self.width
+        return list(range(p + accepted)) + [p + k + j * m + branch for j in range(k)]
