@@ -12,6 +12,7 @@ import torch
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM
 
+from conftest import make_pair
 from specray.core import verify as verify_mod
 from specray.core.generate import generate
 from specray.core.loader import load_shard
@@ -123,13 +124,15 @@ def test_first_three_tokens_follow_target_law(small_vocab_pair, spec, params):
     assert chi2_pvalue(samples, law) > 1e-3
 
 
-def test_broken_rule_is_caught(small_vocab_pair, monkeypatch):
-    """Accepting every draft token (ignoring p/q) must fail the same test."""
+def test_broken_rule_is_caught(tmp_path, monkeypatch):
+    """Accepting every draft token (ignoring p/q) must fail the same test, for a draft that differs
+    from the target as much as a real one does."""
+    pair = make_pair(tmp_path, vocab=8, seed=1, noise=2.0, scale=2.0)
     class AlwaysAccept(verify_mod.TorchRng):
         def accept(self, prob: float) -> bool:
             return True
     monkeypatch.setattr("specray.core.target.TorchRng", AlwaysAccept)
-    samples, law = sample_first_tokens(small_vocab_pair, SpeculationConfig("chain", 2), SamplingParams(1.0))
+    samples, law = sample_first_tokens(pair, SpeculationConfig("chain", 2), SamplingParams(1.0))
     assert chi2_pvalue(samples, law) < 1e-6
 
 
