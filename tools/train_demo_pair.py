@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import platform
-import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -50,10 +49,10 @@ SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "encodings", "pydoc_
 VOCAB_SIZE = 8192
 EOS = "<|endoftext|>"
 
-TARGET_SHAPE = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8,
-                    num_key_value_heads=4, intermediate_size=704)
-DRAFT_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, intermediate_size=320)
+TARGET_SHAPE = {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 8,
+                "num_key_value_heads": 4, "intermediate_size": 704}
+DRAFT_SHAPE = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "intermediate_size": 320}
 
 
 # ----------------------------------------------------------------------------- data
