@@ -42,15 +42,14 @@ class ModelConfig:
                              f"num_key_value_heads {self.num_kv_heads}")
 
     @classmethod
-    def from_hf(cls, d: dict) -> "ModelConfig":
+    def from_hf(cls, d: dict) -> ModelConfig:
         """Parse a transformers config.json dictionary (4.x or 5.x layout)."""
         family = d.get("model_type", "")
         if family not in FAMILIES:
             raise ValueError(f"model_type {family!r} is not supported; supported: {sorted(FAMILIES)}")
-        if d.get("use_sliding_window") or (family == "mistral" and d.get("sliding_window")):
-            if d.get("sliding_window", 0) and d["sliding_window"] < d.get("max_position_embeddings", 0):
-                raise ValueError("sliding-window attention is not supported; "
-                                 f"sliding_window={d['sliding_window']}")
+        window = d.get("sliding_window") or 0
+        if (d.get("use_sliding_window") or family == "mistral") and 0 < window < d.get("max_position_embeddings", 0):
+            raise ValueError(f"sliding-window attention is not supported; sliding_window={window}")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         llama3 = None

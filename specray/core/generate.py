@@ -68,10 +68,10 @@ def generate(target: list[Shard], draft: Shard | None, prompts: list[list[int]],
     running = list(seqs)
     while running:
         round_specs, outcomes = run_round(drafter, stages, running)
-        for spec in round_specs:
-            seq, out = seqs[spec.rid], outcomes[spec.rid]
-            seq.stats.record(spec.tree.depth, out, spec.stats)
-            seq.extend([spec.tokens[j] for j in out.accepted] + [out.token])
+        for sent in round_specs:
+            seq, out = seqs[sent.rid], outcomes[sent.rid]
+            seq.stats.record(sent.tree.depth, out, sent.stats)
+            seq.extend([sent.tokens[j] for j in out.accepted] + [out.token])
         for rid in [r for r in running if seqs[r].finish_reason]:
             running.remove(rid)
             drafter.remove(rid)

@@ -66,8 +66,9 @@ def _hf_tensors(path: str, names: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for file in sorted({where[n] for n in names if n in where}):
         with safe_open(str(Path(path) / file), framework="pt") as f:
+            present = set(f.keys())
             for name in names:
-                if where.get(name) == file and name in f.keys():
+                if where.get(name) == file and name in present:
                     out[name] = f.get_tensor(name)
     return out
 

@@ -30,7 +30,7 @@ class SpecStats:
         for i in range(outcome.num_accepted):
             self.accepted_per_position[i] += 1
 
-    def merge(self, other: "SpecStats") -> None:
+    def merge(self, other: SpecStats) -> None:
         for name in ("num_steps", "num_draft_tokens", "num_accepted_tokens", "cache_lookups", "cache_hits"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         pp = other.accepted_per_position

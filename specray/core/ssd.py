@@ -19,6 +19,7 @@ import torch
 
 from specray.core.speculation import Speculation
 
+
 def geometric_fan_out(k: int, acceptance: float, budget: int) -> tuple[int, ...]:
     """F_0..F_K over `budget` branches, proportional to P(exactly k accepted) under i.i.d. acceptance."""
     a = min(max(acceptance, 0.05), 0.95)

@@ -17,7 +17,7 @@ class Tree:
 
     @staticmethod
     @lru_cache(maxsize=64)
-    def from_branching(branching: tuple[int, ...]) -> "Tree":
+    def from_branching(branching: tuple[int, ...]) -> Tree:
         """Every node at depth d-1 gets branching[d-1] children (d = 1..D)."""
         if not branching or any(k < 1 for k in branching):
             raise ValueError(f"branching must be a non-empty list of positive ints, got {list(branching)}")
@@ -33,7 +33,7 @@ class Tree:
         return Tree(tuple(parents))
 
     @staticmethod
-    def chain(k: int) -> "Tree":
+    def chain(k: int) -> Tree:
         return Tree.from_branching((1,) * k)
 
     @property

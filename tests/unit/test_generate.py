@@ -9,10 +9,10 @@ import itertools
 
 import pytest
 import torch
+from conftest import make_pair
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM
 
-from conftest import make_pair
 from specray.core import verify as verify_mod
 from specray.core.generate import generate
 from specray.core.loader import load_shard
