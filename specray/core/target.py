@@ -71,7 +71,8 @@ class TargetStage:
         sizes = [1 + s.tree.num_nodes for s in specs]
         rows = torch.cat([hidden[b, :m] for b, m in enumerate(sizes)])  # [R, H]
         params = [self.seqs[s.rid].params for s, m in zip(specs, sizes) for _ in range(m)]
-        probs = target_probs(self.shard.logits(rows)[:, None], params)[:, 0].split(sizes)  # [1+N, V] each
+        probs = target_probs(self.shard.logits(rows)[:, None], params)[:, 0]  # [R, V]
+        probs = probs.cpu().split(sizes)  # this step's device-to-host sync: the walk below runs on the host
         return {s.rid: verify_tree(s.tree, torch.tensor(s.tokens, dtype=torch.long), p, s.q_ids, s.q_probs,
                                    s.with_replacement, self.seqs[s.rid].rng)
                 for s, p in zip(specs, probs)}
