@@ -56,9 +56,9 @@ class Row:
         }
 
 
-async def _run(engine, tokenizer, mode: str, batch: int, requests: int, max_tokens: int, temperature: float):
+async def _run(engine, mode: str, batch: int, requests: int, max_tokens: int, temperature: float):
     spec = MODES[mode]
-    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in CODE_PROMPTS][:requests]
+    prompts = [engine.tokenizer.encode(p, add_special_tokens=False) for p in CODE_PROMPTS][:requests]
     sem = asyncio.Semaphore(batch)
     stats, tokens = SpecStats(), 0
 
@@ -87,9 +87,9 @@ async def bench(config: EngineConfig, modes: list[str], batches: list[int], engi
         for batch in batches:
             engine = build_engine(replace(config, kind=kind, max_batch=batch))
             try:
-                await _run(engine, engine.tokenizer, "chain", batch, batch, 8, temperature)  # warm-up
+                await _run(engine, "chain", batch, batch, 8, temperature)  # warm-up
                 for mode in modes:
-                    tokens, seconds, stats, t = await _run(engine, engine.tokenizer, mode, batch, requests,
+                    tokens, seconds, stats, t = await _run(engine, mode, batch, requests,
                                                            max_tokens, temperature)
                     row = Row(kind, mode, batch, tokens, seconds, t["rounds"], stats, t["draft_s"], t["verify_s"])
                     rows.append(row.as_dict())

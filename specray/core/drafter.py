@@ -77,7 +77,8 @@ class Drafter:
         return self.shard(p.x, self.cache, torch.tensor(slots), p.positions, p.base, p.window, p.num_valid)
 
     def _laws(self, hidden: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [R, H] -> draft law ids, probs [R, top_n], on the host (this step's sync point)."""
+        """hidden [R, H] -> draft law ids, probs [R, top_n], on the host: the draft's one sync per
+        depth, since the next depth's tokens are drawn from these laws with the host generator."""
         ids, probs = draft_law(self.shard.logits(hidden)[:, None], params, self.top_n)
         return ids[:, 0].cpu(), probs[:, 0].cpu()
 
@@ -192,7 +193,7 @@ class Drafter:
             for token in [t for t in candidates if t != drafted][:fan]:
                 keys[(pos, token)] = len(branches)
                 branches.append(self._new_speculation(last.rid, seq, token, Tree.chain(k)))
-        return SpeculationCache(seq.base, seq.pending, k, keys, branches)
+        return SpeculationCache(seq.pending, k, keys, branches)
 
     def _branch_rows(self, seq: DraftSeq, j: int) -> Rows:
         """Step j of every branch: b (j = 0) or y_j, seeing pending, x_1..x_k and its own earlier rows."""

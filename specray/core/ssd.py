@@ -45,7 +45,6 @@ def saguaro(probs: torch.Tensor, fan: list[int], c: list[float]) -> torch.Tensor
 @dataclass
 class SpeculationCache:
     """One sequence's cached next rounds, keyed by the outcome (k, b)."""
-    base: int                       # committed draft rows when the cache was built
     pending: int                    # P
     k: int                          # K of the speculation being verified
     keys: dict[tuple[int, int], int]  # (k, b) -> branch index
