@@ -11,15 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "specray" / "assets" / "demo"
-# Prompts end at the colon, not after a newline: the BPE merges a newline with the next line's
-# indentation ("\n   " is one token), so a prompt ending in a bare "\n" is a token boundary the
-# model never saw in training and it dedents.
 PROMPTS = [
     "class Stack:",
-    "import os\n\n\ndef read_lines(path):",
+    "import os\n\n\ndef read_lines(path):\n",
     pytest.param("def fibonacci(n):", marks=pytest.mark.xfail(
-        strict=True, reason="the shipped target is undertrained (held-out loss 4.93): its docstring does not close "
-                            "within 64 tokens; strict, so a better target makes this test fail until moved up")),
+        strict=True, reason="the shipped target (held-out loss 4.24) repeats itself greedily and its docstring "
+                            "does not close within 64 tokens; strict, so a better target makes this test fail "
+                            "until it is moved up")),
 ]
 
 
