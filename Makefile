@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+SERVE_ARGS ?=
 
 .PHONY: install serve test test-all lint
 
@@ -13,8 +14,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Ray + Serve on the embedded demo pair: gRPC on :9000, OpenAI-style HTTP on 127.0.0.1:8000; Ctrl-C stops.
 serve: install
-	$(VENV)/bin/specray generate --mode chain --prompt 'def fibonacci(n):' --max-tokens 96
+	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/specray serve $(SERVE_ARGS)
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: install

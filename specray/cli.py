@@ -1,4 +1,5 @@
-"""`specray` command line: generate (in process), and the subcommands the later layers add."""
+"""`specray` command line: serve (Ray Serve, gRPC + HTTP), generate (in process, through Ray actors, or
+against a running server), bench."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import sys
 import time
 
 from specray.assets import DEMO_DRAFT, DEMO_TARGET
+from specray.cli_server import add_serve_args, cmd_serve, generate_remote
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -24,16 +26,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-target-stages", type=int, default=1, help="split the target's layers over N stages")
 
 
-def add_request_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--mode", default="chain", choices=["off", "chain", "tree", "async"])
-    p.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
+SPEC_DEFAULTS = {"mode": "chain", "num_speculative_tokens": 4, "saguaro_c": 1.0, "backup": "auto"}
+
+
+def add_speculation_args(p: argparse.ArgumentParser) -> None:
+    """Unset flags stay None: in process they take SPEC_DEFAULTS, against a server its defaults."""
+    p.add_argument("--mode", choices=["off", "chain", "tree", "async"], help="default: chain")
+    p.add_argument("-k", "--num-speculative-tokens", type=int, help="draft depth (default: 4; tree: its depth)")
     p.add_argument("--branching", type=_int_list, default=(), help="tree branching, e.g. 3,2,1")
     p.add_argument("--with-replacement", action="store_true")
     p.add_argument("--fan-out", type=_int_list, default=(),
                    help="async: guesses per outcome position k = 0..K, e.g. 2,2,1,1,3 (default: geometric)")
-    p.add_argument("--saguaro-c", type=float, default=1.0, help="async: Saguaro down-weight in (0, 1]; 1 is off")
-    p.add_argument("--backup", default="auto", choices=["neural", "fast", "auto"], help="async: on a cache miss")
+    p.add_argument("--saguaro-c", type=float, help="async: Saguaro down-weight in (0, 1]; 1 (default) is off")
+    p.add_argument("--backup", choices=["neural", "fast", "auto"], help="async: on a cache miss (default: auto)")
+
+
+def add_request_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    add_speculation_args(p)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -42,11 +52,19 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"}')
 
 
+def speculation_settings(args: argparse.Namespace) -> dict:
+    """SpeculationConfig's fields from the flags, unset ones from SPEC_DEFAULTS."""
+    spec = {name: getattr(args, name) for name in SPEC_DEFAULTS}
+    spec = {name: SPEC_DEFAULTS[name] if value is None else value for name, value in spec.items()}
+    if spec["mode"] == "tree" and args.num_speculative_tokens is None:
+        spec["num_speculative_tokens"] = len(args.branching)
+    return {**spec, "branching": args.branching, "with_replacement": args.with_replacement,
+            "fan_out": args.fan_out}
+
+
 def speculation_config(args: argparse.Namespace):
     from specray.core.speculation import SpeculationConfig
-    k = len(args.branching) if args.mode == "tree" and args.branching else args.num_speculative_tokens
-    return SpeculationConfig(args.mode, k, args.branching, args.with_replacement, args.fan_out, args.saguaro_c,
-                             args.backup)
+    return SpeculationConfig(**speculation_settings(args))
 
 
 def engine_config(args: argparse.Namespace, **overrides):
@@ -56,6 +74,8 @@ def engine_config(args: argparse.Namespace, **overrides):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.server:
+        return generate_remote(args)
     import asyncio
 
     from specray.core.loader import load_tokenizer
@@ -111,6 +131,40 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from specray.bench.compare import main as compare
+    from specray.bench.settings import BenchConfig
+
+    config = BenchConfig.build(
+        args.quick, target=args.target, draft=args.draft, dtype=args.dtype, device=args.device,
+        num_target_stages=args.num_target_stages, prompt_sets=args.prompts, num_prompts=args.num_prompts,
+        max_tokens=args.max_tokens, temperature=args.temperature, concurrency=args.concurrency,
+        modes=args.modes, systems=args.systems, max_batch=args.max_batch, seed=args.seed, out=args.out)
+    print(compare(config))
+    return 0
+
+
+def add_bench_args(b: argparse.ArgumentParser) -> None:
+    """`specray bench` (no subcommand): unset flags take the full or the --quick defaults."""
+    add_model_args(b)
+    b.add_argument("--prompts", type=_str_list, help="prompt sets (default: code,prose)")
+    b.add_argument("--num-prompts", type=_int_list, help="prompts per set, one value or one per set "
+                   "(default: all, 48 code and 32 prose; quick: 8,4)")
+    b.add_argument("--max-tokens", type=int, help="tokens per request (default: 64; quick: 32)")
+    b.add_argument("--temperature", type=float, help="0 (default) is greedy, checked against transformers")
+    b.add_argument("--concurrency", type=_int_list, help="gRPC client concurrency (default: 1,4,16,64; quick: 1,4,16)")
+    b.add_argument("--modes", type=_str_list, help="specray modes (default: off,chain,tree,async)")
+    b.add_argument("--systems", type=_str_list, help="hf,assisted,local,ray,grpc (default: all)")
+    b.add_argument("--max-batch", type=int, help="the gRPC replica's batch (default: 8)")
+    b.add_argument("--seed", type=int, help="request i is seeded seed + i (default: 0)")
+    b.add_argument("--quick", action="store_true", help="a run of a few minutes: fewer prompts, tokens, settings")
+    b.add_argument("--out", default=None, help="output folder (default: bench_results/<timestamp>/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specray", description="speculative-decoding LLM serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,10 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(g)
     g.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="run draft and target stages in this process, or as Ray actors")
+    g.add_argument("--server", default=None, metavar="HOST:PORT",
+                   help="send the request to a running specray server over gRPC instead (model flags ignored)")
     add_request_args(g)
     g.set_defaults(func=cmd_generate)
-    b = sub.add_parser("bench", help="benchmarks that print figures")
-    bsub = b.add_subparsers(dest="bench", required=True)
+    s = sub.add_parser("serve", help="serve the models over gRPC and OpenAI-style HTTP with Ray Serve")
+    add_model_args(s)
+    add_speculation_args(s)
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
+    b = sub.add_parser("bench", help="compare transformers and specray systems (or a benchmark subcommand)")
+    add_bench_args(b)
+    b.set_defaults(func=cmd_bench)
+    bsub = b.add_subparsers(dest="bench", required=False)
     e = bsub.add_parser("engine", help="every mode, in process and through Ray actors, at several batch sizes")
     add_model_args(e)
     e.add_argument("--modes", default="off,chain,tree,async")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 # The test models are tiny: one thread avoids thread hand-off costs that dominate on a busy 2-core box.
 torch.set_num_threads(1)
@@ -39,3 +39,17 @@ def tiny_pair(tmp_path_factory):
 def small_vocab_pair(tmp_path_factory):
     """Vocab 8: small enough to enumerate the target's joint law of three tokens."""
     return make_pair(tmp_path_factory.mktemp("v8"), vocab=8, seed=1, noise=0.5, scale=2.0)
+
+
+@torch.no_grad()
+def target_greedy(prompt_ids: list[int], n: int, path: str | None = None) -> list[int]:
+    """The target's own greedy continuation (transformers, fp32, no EOS handling): n tokens.
+    path: an HF checkpoint (default: the embedded demo target)."""
+    from specray.assets import DEMO_TARGET
+    model = AutoModelForCausalLM.from_pretrained(path or DEMO_TARGET, dtype=torch.float32).eval()
+    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens

@@ -14,15 +14,16 @@ __all__ = ["ActorResources", "Delta", "Engine", "EngineConfig", "EngineRequest",
            "LocalWorkers", "RayWorkers", "build_engine", "complete"]
 
 
-def build_engine(config: EngineConfig, tokenizer=None, placement_group=None, first_bundle: int = 0) -> Engine:
+def build_engine(config: EngineConfig, tokenizer=None, placement_group=None, first_bundle: int = 0,
+                 name: str | None = None) -> Engine:
     """An engine with its workers started. tokenizer: None loads config.tokenizer (default: the
     target's). With a placement group, the draft worker takes bundle `first_bundle` and stage i
-    bundle `first_bundle + 1 + i`."""
+    bundle `first_bundle + 1 + i`. name: Ray actors are named `{name}-draft`, `{name}-stage{i}`."""
     model = load_config(config.target)
     layers = config.stage_layers(model.num_layers)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.tokenizer or config.target)
-    workers = make_workers(config, layers, placement_group, first_bundle)
+    workers = make_workers(config, layers, placement_group, first_bundle, name)
     return Engine(workers, config, tokenizer, model.eos_token_ids, model.vocab_size)
 
 

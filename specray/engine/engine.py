@@ -14,6 +14,7 @@ Serve or gRPC; it raises `ValueError` for a request it cannot serve."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 from collections import deque
 from collections.abc import AsyncIterator
@@ -115,7 +116,9 @@ class Engine:
         r = _Request(req, seq, None if self.tokenizer is None else Detokenizer(self.tokenizer, prompt))
         self._waiting.append(r)
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            # A fresh context: the loop must not inherit this request's (under Serve, Ray counts actor
+            # calls made in a request's context as its children and cancels them with it).
+            self._task = asyncio.get_running_loop().create_task(self._run(), context=contextvars.Context())
         try:
             while True:
                 item = await r.queue.get()

@@ -105,9 +105,9 @@ class LocalWorkers(_Slots):
         pass
 
 
-def _actor(cls, res: ActorResources, placement_group, bundle: int):
+def _actor(cls, res: ActorResources, placement_group, bundle: int, name: str | None):
     """cls as a Ray actor with its resources, in its placement-group bundle when given one."""
-    options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "resources": dict(res.resources)}
+    options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "resources": dict(res.resources), "name": name}
     if placement_group is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group, placement_group_bundle_index=bundle)
@@ -124,15 +124,15 @@ class RayWorkers(_Slots):
 
     @classmethod
     def create(cls, config: EngineConfig, layers: list[tuple[int, int]], placement_group=None,
-               first_bundle: int = 0) -> RayWorkers:
+               first_bundle: int = 0, name: str | None = None) -> RayWorkers:
         """Start the actors (draft in bundle first_bundle, stage i in first_bundle + 1 + i) and wait
-        until every model is loaded."""
+        until every model is loaded. With a name, the actors are `{name}-draft`, `{name}-stage{i}`."""
         if not ray.is_initialized():
             ray.init(include_dashboard=False)
         d, s = config.draft_resources, config.stage_resources
-        draft = _actor(DraftWorker, d, placement_group, first_bundle).remote(
+        draft = _actor(DraftWorker, d, placement_group, first_bundle, name and f"{name}-draft").remote(
             **_draft_kwargs(config, d.num_cpus))
-        stages = [_actor(TargetStageWorker, s, placement_group, first_bundle + 1 + i).remote(
+        stages = [_actor(TargetStageWorker, s, placement_group, first_bundle + 1 + i, name and f"{name}-stage{i}").remote(
             **_stage_kwargs(config, span, s.num_cpus)) for i, span in enumerate(layers)]
         ray.get([a.node_id.remote() for a in (draft, *stages)], timeout=ACTOR_START_TIMEOUT_S)
         return cls(draft, stages, config.max_batch)
@@ -182,7 +182,7 @@ class RayWorkers(_Slots):
 
 
 def make_workers(config: EngineConfig, layers: list[tuple[int, int]], placement_group=None,
-                 first_bundle: int = 0) -> LocalWorkers | RayWorkers:
+                 first_bundle: int = 0, name: str | None = None) -> LocalWorkers | RayWorkers:
     if config.kind == "local":
         return LocalWorkers(config, layers)
-    return RayWorkers.create(config, layers, placement_group, first_bundle)
+    return RayWorkers.create(config, layers, placement_group, first_bundle, name)

@@ -3,7 +3,8 @@
 - specray/core: pure torch; no Ray, Serve, gRPC or protobuf, and nothing from actors/engine/deployments.
 - specray/actors: Ray, but no Serve, gRPC or protobuf.
 - Only specray/deployments imports ray.serve or generated `*_pb2` / `*_pb2_grpc` modules (the
-  generated modules themselves, wherever they live, are exempt). Tests are not checked.
+  generated modules themselves, wherever they live, are exempt); besides them, the gRPC client
+  specray/client.py imports the generated modules, and neither Ray nor the engine. Tests are not checked.
 Every import counts, including ones inside functions and relative ones. Folders that do not exist
 yet check nothing."""
 from __future__ import annotations
@@ -76,8 +77,13 @@ def test_actors_import_no_serve_or_rpc():
 
 def test_only_deployments_import_serve_or_generated_protobuf():
     files = [p for p in sources() if not is_generated(module_name(p))
-             and not module_name(p).startswith("specray.deployments")]
+             and not module_name(p).startswith(("specray.deployments", "specray.client"))]
     assert not violations(files, lambda n: is_under(n, ("ray.serve",)) or is_generated(n))
+
+
+def test_the_grpc_client_imports_protobuf_but_not_ray():
+    client = [p for p in sources() if module_name(p) == "specray.client"]
+    assert client and not violations(client, lambda n: is_under(n, ("ray", "specray.engine", "specray.core")))
 
 
 @pytest.mark.parametrize("source, module, expected", [

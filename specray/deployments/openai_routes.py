@@ -1,0 +1,111 @@
+"""The OpenAI-style HTTP routes on top of `Service`: /v1/completions, /v1/chat/completions, /v1/models.
+
+Bodies are parsed here (not by FastAPI) so that errors keep OpenAI's shape: 400 for bad fields
+(naming them), 429 when the replica's queue is full, 503 while it cannot serve. A stream's first
+delta is awaited before the response starts, so errors found on admission are still HTTP statuses;
+a failure after that ends the event stream with an `error` event."""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from specray.deployments import openai_api as oa
+from specray.deployments.host import QueueFull, Unavailable
+from specray.deployments.service import Service
+from specray.deployments.validation import InvalidArgument, RequestFields
+from specray.engine import Delta
+
+STATUS = {InvalidArgument: (400, "invalid_request_error"), QueueFull: (429, "rate_limit_exceeded"),
+          Unavailable: (503, "service_unavailable")}
+ERRORS = tuple(STATUS)
+
+
+def _error(e: Exception, chat: bool) -> JSONResponse:
+    status, kind = STATUS[type(e)]
+    param = oa.openai_param(e.field, chat) if isinstance(e, InvalidArgument) else None
+    return JSONResponse(oa.error_body(str(e), kind, param, status), status_code=status)
+
+
+async def completions(service: Service, model: str, body: bytes):
+    return await _handle(service, model, body, oa.CompletionRequest, oa.completion_fields, chat=False)
+
+
+async def chat_completions(service: Service, model: str, body: bytes):
+    return await _handle(service, model, body, oa.ChatCompletionRequest,
+                         lambda req: oa.chat_fields(req, service.tokenizer), chat=True)
+
+
+async def _handle(service: Service, model: str, body: bytes, schema, to_fields, chat: bool):
+    """Parse and check the body (400 naming the field), then answer it, streamed or whole."""
+    try:
+        req = schema.model_validate_json(body)
+        fields = to_fields(req)
+    except ValidationError as e:
+        param, message = oa.describe_validation_error(e)
+        return JSONResponse(oa.error_body(message, "invalid_request_error", param, 400), status_code=400)
+    except InvalidArgument as e:
+        return _error(e, chat)
+    return await _respond(service, model, fields, req.stream, _include_usage(req), chat)
+
+
+def models(model: str) -> dict:
+    return oa.models_response([model])
+
+
+def _include_usage(req: oa.Common) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+async def _respond(service: Service, model: str, fields: RequestFields, stream: bool, include_usage: bool,
+                   chat: bool):
+    rid, created = uuid.uuid4().hex, int(time.time())
+    deltas = service.stream(fields)
+    try:
+        first = await anext(deltas)
+    except ERRORS as e:
+        return _error(e, chat)
+    if stream:
+        events = _events(service, model, fields, rid, created, first, deltas, include_usage, chat)
+        return StreamingResponse(events, media_type="text/event-stream")
+    text, count, done = first.text, len(first.token_ids), first
+    try:
+        async for delta in deltas:
+            text, count, done = text + delta.text, count + len(delta.token_ids), delta
+    except ERRORS as e:
+        return _error(e, chat)
+    finally:
+        await deltas.aclose()
+    usage = oa.usage_dict(service.prompt_tokens(fields), count)
+    reason, stats = oa.openai_finish_reason(done.finish_reason), done.stats
+    build = oa.chat_response if chat else oa.completion_response
+    return build(rid, model, text, reason, usage, stats, created=created)
+
+
+async def _events(service: Service, model: str, fields: RequestFields, rid: str, created: int, first: Delta,
+                  deltas: AsyncIterator[Delta], include_usage: bool, chat: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per committed block; the last has the finish reason and stats."""
+    count, delta, is_first = 0, first, True
+    try:
+        while True:
+            count += len(delta.token_ids)
+            reason = oa.openai_finish_reason(delta.finish_reason)
+            if chat:
+                yield oa.sse(oa.chat_chunk(rid, model, delta.text, reason, delta.stats, first=is_first, created=created))
+            else:
+                yield oa.sse(oa.completion_chunk(rid, model, delta.text, reason, delta.stats, created=created))
+            if delta.finish_reason:
+                break
+            delta, is_first = await anext(deltas), False
+    except ERRORS as e:
+        yield oa.sse(oa.error_body(str(e), STATUS[type(e)][1], None, STATUS[type(e)][0]))
+        return
+    finally:
+        await deltas.aclose()  # frees the request's slot at once if the client went away
+    if include_usage:
+        usage = oa.usage_dict(service.prompt_tokens(fields), count)
+        yield oa.sse(oa.usage_chunk(rid, model, usage, chat=chat, created=created))
+    yield oa.SSE_DONE

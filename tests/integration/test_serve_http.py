@@ -1,0 +1,85 @@
+"""The OpenAI-style HTTP routes through Serve's HTTP proxy, driven by the `openai` Python client.
+
+Completions and chat completions, plain and streamed (server-sent events), speculation settings as
+extra body fields, usage and speculation statistics in the response, /v1/models, and bad input
+answered 400 with the offending field named. Greedy text equals the target's own greedy decoding."""
+from __future__ import annotations
+
+import pytest
+from conftest import target_greedy
+from serving import free_port, serve_apps
+from transformers import AutoTokenizer
+
+from specray.assets import DEMO_TARGET
+
+openai = pytest.importorskip("openai")
+
+PROMPT = "def fibonacci(n):"
+N = 16
+ARGS = {"max_batch": 4, "max_context": 512, "replica_cpus": 0.1, "draft_cpus": 0.5, "stage_cpus": 0.5,
+        "min_replicas": 1, "max_replicas": 1, "name": "demo"}
+
+
+@pytest.fixture(scope="module")
+def client():
+    from specray.deployments.app import build_app
+    http = free_port()
+    with serve_apps({"specray": (build_app(ARGS), "/")}, free_port(), http):
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    tok = AutoTokenizer.from_pretrained(DEMO_TARGET)
+    return tok.decode(target_greedy(tok.encode(PROMPT, add_special_tokens=False), N))
+
+
+@pytest.mark.parametrize("speculation", [{"mode": "off"}, {"mode": "tree", "branching": [2, 2]},
+                                         {"mode": "async", "num_speculative_tokens": 3}])
+def test_completion_plain_and_streamed_equal_the_target(client, reference, speculation):
+    body = {"ignore_eos": True, "speculation": speculation}
+    out = client.completions.create(model="demo", prompt=PROMPT, max_tokens=N, extra_body=body)
+    assert out.choices[0].text == reference and out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == N and out.usage.prompt_tokens > 0
+    stats = out.model_extra["speculation"]
+    assert stats["num_steps"] >= 1 and (stats["num_draft_tokens"] == 0) == (speculation["mode"] == "off")
+    chunks = list(client.completions.create(model="demo", prompt=PROMPT, max_tokens=N, stream=True,
+                                            extra_body=body, stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == reference and len(texts) > 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == N
+
+
+def test_chat_completion_plain_and_streamed(client):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Add two numbers."}]
+    out = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, extra_body={
+        "ignore_eos": True, "speculation": {"mode": "chain", "num_speculative_tokens": 2}})
+    msg = out.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str) and out.usage.completion_tokens == 8
+    assert out.model_extra["speculation"]["num_draft_tokens"] > 0
+    chunks = list(client.chat.completions.create(model="demo", messages=messages, max_tokens=8, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == ["demo"]
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"extra_body": {"foo": 1}}, "foo"),
+    ({"extra_body": {"speculation": {"mode": "tree", "branching": [2, 2], "num_speculative_tokens": 3}}},
+     "speculation"),
+    ({"prompt": ""}, "prompt"),
+])
+def test_bad_input_is_400_naming_the_field(client, kwargs, param):
+    kwargs = {"model": "demo", "prompt": PROMPT, "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**kwargs)
+    assert err.value.status_code == 400 and param in err.value.message
+    assert client.completions.create(model="demo", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
