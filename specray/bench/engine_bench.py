@@ -7,77 +7,25 @@ stages), and the rest (waiting, transport, scheduling). Run side by side in one 
 ratios compare like with like on a noisy machine."""
 from __future__ import annotations
 
-import asyncio
 import json
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
+from specray.bench.engine_runner import MODES, drive, engine_requests
 from specray.bench.prompts import CODE_PROMPTS
-from specray.core.sampling import SamplingParams
-from specray.core.sequence import SpecStats
-from specray.core.speculation import SpeculationConfig
-from specray.engine import EngineConfig, EngineRequest, build_engine
+from specray.engine import EngineConfig, build_engine
 
-MODES = {
-    "off": SpeculationConfig("off"),
-    "chain": SpeculationConfig("chain", 4),
-    "tree": SpeculationConfig("tree", 3, (2, 2, 1)),
-    "async": SpeculationConfig("async", 4),
-}
+__all__ = ["MODES", "bench", "dump", "markdown"]
 
 
-@dataclass
-class Row:
-    engine: str
-    mode: str
-    batch: int
-    output_tokens: int
-    seconds: float
-    rounds: int
-    stats: SpecStats
-    draft_s: float
-    verify_s: float
-
-    def as_dict(self) -> dict:
-        """Per-round figures. Off the critical path is the draft only when Ray overlaps it (async);
-        whatever the round took beyond its critical-path compute is waiting, transport, scheduling."""
-        per = 1000 / max(self.rounds, 1)
-        overlapped = self.engine == "ray" and self.mode == "async"
-        critical = self.verify_s + (0.0 if overlapped else self.draft_s)
-        return {
-            "engine": self.engine, "mode": self.mode, "batch": self.batch,
-            "output_tokens_per_s": self.output_tokens / self.seconds,
-            "acceptance_rate": self.stats.acceptance_rate,
-            "mean_acceptance_length": self.stats.mean_acceptance_length,
-            "cache_hit_rate": self.stats.cache_hit_rate if self.stats.cache_lookups else None,
-            "round_ms": self.seconds * per, "draft_ms": self.draft_s * per, "verify_ms": self.verify_s * per,
-            "other_ms": (self.seconds - critical) * per,
-            "rounds": self.rounds, "output_tokens": self.output_tokens, "seconds": self.seconds,
-        }
-
-
-async def _run(engine, mode: str, batch: int, requests: int, max_tokens: int, temperature: float):
-    spec = MODES[mode]
+async def _run(engine, mode: str, batch: int, requests: int, max_tokens: int, temperature: float) -> dict:
+    """One setting: `requests` code prompts, `batch` in flight; its row (see COLUMNS)."""
     prompts = [engine.tokenizer.encode(p, add_special_tokens=False) for p in CODE_PROMPTS][:requests]
-    sem = asyncio.Semaphore(batch)
-    stats, tokens = SpecStats(), 0
-
-    async def one(i: int, prompt: list[int]):
-        nonlocal tokens
-        async with sem:
-            req = EngineRequest(f"{mode}-{batch}-{i}", tuple(prompt), SamplingParams(temperature, seed=i), spec,
-                                max_tokens, ignore_eos=True)
-            async for delta in engine.generate(req):
-                tokens += len(delta.token_ids)
-                if delta.stats is not None:
-                    stats.merge(delta.stats)
-
-    before = await engine.timings()
-    start = time.perf_counter()
-    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-    seconds = time.perf_counter() - start
-    after = await engine.timings()
-    return tokens, seconds, stats, {k: after[k] - before[k] for k in after}
+    m = await drive(engine, engine_requests(f"{mode}-{batch}", prompts, mode, max_tokens, temperature), batch)
+    tokens = sum(len(t.token_ids) for t in m.traces)
+    return {"engine": engine.config.kind, "mode": mode, "batch": batch, "output_tokens_per_s": tokens / m.wall_s,
+            "acceptance_rate": m.stats.acceptance_rate, "mean_acceptance_length": m.stats.mean_acceptance_length,
+            "cache_hit_rate": m.stats.cache_hit_rate if m.stats.cache_lookups else None,
+            **m.split, "output_tokens": tokens, "seconds": m.wall_s}
 
 
 async def bench(config: EngineConfig, modes: list[str], batches: list[int], engines: list[str], requests: int,
@@ -89,10 +37,7 @@ async def bench(config: EngineConfig, modes: list[str], batches: list[int], engi
             try:
                 await _run(engine, "chain", batch, batch, 8, temperature)  # warm-up
                 for mode in modes:
-                    tokens, seconds, stats, t = await _run(engine, mode, batch, requests,
-                                                           max_tokens, temperature)
-                    row = Row(kind, mode, batch, tokens, seconds, t["rounds"], stats, t["draft_s"], t["verify_s"])
-                    rows.append(row.as_dict())
+                    rows.append(await _run(engine, mode, batch, requests, max_tokens, temperature))
                     progress(format_row(rows[-1]))
             finally:
                 await engine.shutdown()

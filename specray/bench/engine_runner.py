@@ -1,0 +1,59 @@
+"""Drive an in-process `Engine` (local workers or Ray actors) and measure it: shared by `specray bench`
+and `specray bench engine`.
+
+`drive` sends requests with at most `concurrency` in flight and records each request's streamed
+deltas with their arrival times, the merged speculation statistics, and the per-round time split
+from `Engine.timings()` (the workers' busy seconds) over the run."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from specray.bench.metrics import Measurement, Trace, round_split
+from specray.core.sampling import SamplingParams
+from specray.core.sequence import SpecStats
+from specray.core.speculation import SpeculationConfig
+from specray.engine import Engine, EngineRequest
+
+MODES = {
+    "off": SpeculationConfig("off"),
+    "chain": SpeculationConfig("chain", 4),
+    "tree": SpeculationConfig("tree", 3, (2, 2, 1)),
+    "async": SpeculationConfig("async", 4),
+}
+
+
+def engine_requests(tag: str, prompts: list[list[int]], mode: str, max_tokens: int, temperature: float,
+                    seed: int = 0) -> list[EngineRequest]:
+    """One request per prompt in `mode`, exactly max_tokens long (EOS ignored), seeded seed + i."""
+    return [EngineRequest(f"{tag}-{i}", tuple(p), SamplingParams(temperature, seed=seed + i), MODES[mode],
+                          max_tokens, ignore_eos=True) for i, p in enumerate(prompts)]
+
+
+async def drive(engine: Engine, requests: list[EngineRequest], concurrency: int,
+                on_done: Callable[[], None] | None = None) -> Measurement:
+    """Run `requests` with at most `concurrency` in flight; on_done is called as each one finishes."""
+    sem = asyncio.Semaphore(concurrency)
+    traces: list[Trace] = [Trace(0.0)] * len(requests)
+    stats = SpecStats()
+
+    async def one(i: int, req: EngineRequest) -> None:
+        async with sem:
+            trace = traces[i] = Trace(time.perf_counter())
+            async for delta in engine.generate(req):
+                trace.add(time.perf_counter(), list(delta.token_ids))
+                if delta.stats is not None:
+                    stats.merge(delta.stats)
+            if on_done is not None:
+                on_done()
+
+    before = await engine.timings()
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+    wall = time.perf_counter() - start
+    after = await engine.timings()
+    spent = {k: after[k] - before[k] for k in after}
+    overlapped = engine.config.kind == "ray" and all(r.spec.mode == "async" for r in requests)
+    return Measurement(traces, wall, stats,
+                       round_split(wall, spent["rounds"], spent["draft_s"], spent["verify_s"], overlapped))
