@@ -1,6 +1,6 @@
 """`specray bench engine`: every mode on one model pair, in process and through Ray actors.
 
-For each engine kind, mode and batch size it runs a fixed set of code prompts with batch-size
+For each engine kind, mode and batch size it runs the held-out code prompts (workload.py) with batch-size
 requests in flight and prints output tokens/s, acceptance rate α, mean acceptance length τ, the
 SSD cache hit rate, and the per-round time split: draft compute, verification compute (all target
 stages), and the rest (waiting, transport, scheduling). Run side by side in one process, so the
@@ -11,7 +11,7 @@ import json
 from dataclasses import replace
 
 from specray.bench.engine_runner import MODES, drive, engine_requests
-from specray.bench.prompts import CODE_PROMPTS
+from specray.bench.workload import load_set
 from specray.engine import EngineConfig, build_engine
 
 __all__ = ["MODES", "bench", "dump", "markdown"]
@@ -19,7 +19,7 @@ __all__ = ["MODES", "bench", "dump", "markdown"]
 
 async def _run(engine, mode: str, batch: int, requests: int, max_tokens: int, temperature: float) -> dict:
     """One setting: `requests` code prompts, `batch` in flight; its row (see COLUMNS)."""
-    prompts = [engine.tokenizer.encode(p, add_special_tokens=False) for p in CODE_PROMPTS][:requests]
+    prompts = [engine.tokenizer.encode(p.text, add_special_tokens=False) for p in load_set("code")[:requests]]
     m = await drive(engine, engine_requests(f"{mode}-{batch}", prompts, mode, max_tokens, temperature), batch)
     tokens = sum(len(t.token_ids) for t in m.traces)
     return {"engine": engine.config.kind, "mode": mode, "batch": batch, "output_tokens_per_s": tokens / m.wall_s,

@@ -7,18 +7,17 @@ loaded models, as `ignore_eos` on the specray side: every output is exactly max_
 Sampling matches specray's: temperature only (no top-k, top-p 1); request i is seeded seed + i."""
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from specray.bench.metrics import Measurement, Trace
 from specray.bench.settings import AssistSetting
 from specray.core.device import pick_device
-from specray.core.loader import _gguf_tensors, parse_dtype
+from specray.core.loader import load_transformers_model, parse_dtype
 from specray.core.sequence import SpecStats
 
 
@@ -39,17 +38,8 @@ class TimingStreamer(BaseStreamer):
 
 
 def load_model(path: str, dtype: str, device: str):
-    """A transformers causal LM from an HF directory or a GGUF file (dequantised), EOS off, in eval mode."""
-    if str(path).endswith(".gguf"):
-        d, f = os.path.split(os.path.abspath(path))
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d, gguf_file=f))
-        missing = model.load_state_dict(_gguf_tensors(path), strict=False).missing_keys
-        if set(missing) - {"lm_head.weight"}:
-            raise ValueError(f"{path}: checkpoint lacks {missing[:3]}")
-        if missing:  # no output head: tied to the embeddings, as specray's loader does
-            model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path)
+    """A transformers causal LM from an HF directory or a GGUF file, EOS off, in eval mode."""
+    model = load_transformers_model(path)
     model.generation_config.eos_token_id = None
     return model.to(device=pick_device(device), dtype=parse_dtype(dtype)).eval()
 

@@ -44,6 +44,23 @@ def _gguf_tensors(path: str) -> dict[str, torch.Tensor]:
                                 torch_dtype=torch.float32)["tensors"]
 
 
+def load_transformers_model(path: str):
+    """The checkpoint as a transformers causal LM (fp32, the reference specray is checked against):
+    an HF directory, or a GGUF file dequantised without `accelerate` (a missing output head is tied
+    to the embeddings, as load_shard does)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if not _is_gguf(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    d, f = os.path.split(os.path.abspath(path))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d, gguf_file=f))
+    missing = model.load_state_dict(_gguf_tensors(path), strict=False).missing_keys
+    if set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"{path}: checkpoint lacks {missing[:3]}")
+    if missing:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    return model
+
+
 def load_config(path: str) -> ModelConfig:
     if _is_gguf(path):
         from transformers import AutoConfig

@@ -31,6 +31,8 @@ class RpcAbort(Exception):
 MODES = {pb.SPECULATION_MODE_OFF: "off", pb.SPECULATION_MODE_CHAIN: "chain", pb.SPECULATION_MODE_TREE: "tree",
          pb.SPECULATION_MODE_ASYNC: "async"}
 BACKUPS = {pb.BACKUP_NEURAL: "neural", pb.BACKUP_FAST: "fast", pb.BACKUP_AUTO: "auto"}
+MODE_IDS = {name: value for value, name in MODES.items()}
+BACKUP_IDS = {name: value for value, name in BACKUPS.items()}
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
 STATUS = {InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT, QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
           Unavailable: grpc.StatusCode.UNAVAILABLE}
@@ -81,9 +83,9 @@ def stats_message(stats: SpecStats) -> pb.SpeculationStats:
 
 def speculation_message(spec: SpeculationConfig) -> pb.SpeculationParams:
     return pb.SpeculationParams(
-        mode={v: k for k, v in MODES.items()}[spec.mode], num_speculative_tokens=spec.num_speculative_tokens,
+        mode=MODE_IDS[spec.mode], num_speculative_tokens=spec.num_speculative_tokens,
         branching=spec.branching, with_replacement=spec.with_replacement, fan_out=spec.fan_out,
-        saguaro_c=spec.saguaro_c, backup={v: k for k, v in BACKUPS.items()}[spec.backup])
+        saguaro_c=spec.saguaro_c, backup=BACKUP_IDS[spec.backup])
 
 
 def response(request_id: str, delta: Delta, prompt_tokens: int, completion_tokens: int) -> pb.GenerateResponse:
