@@ -55,18 +55,27 @@ def _descending(logits: torch.Tensor) -> torch.Tensor:
     return torch.sort(logits, dim=-1, descending=True, stable=True).indices
 
 
-def _process(logits: torch.Tensor, params: SamplingParams, order: torch.Tensor | None = None) -> torch.Tensor:
+def _top_ids(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """logits # [M, V] -> the first n ids of _descending's order # [M, n], without sorting all V: a
+    top-k, then its n winners re-sorted stably (ids ascending, then logits descending). Falls back to
+    the full sort when a tie straddles the n-th place (top-k may pick either of the tied ids)."""
+    values, ids = logits.topk(n, dim=-1)  # [M, n]
+    if bool(((logits >= values[:, -1:]).sum(-1) > n).any()):
+        return _descending(logits)[:, :n]
+    ids = ids.sort(dim=-1).values
+    return ids.gather(-1, logits.gather(-1, ids).sort(dim=-1, descending=True, stable=True).indices)
+
+
+def _process(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Processed distribution of rows sharing `params`.
 
-    logits # [M, V] fp32; order # [M, V] from _descending (computed here when None and needed).
-    Returns # [M, V] fp32, rows summing to 1."""
-    if params.greedy:
-        first = order[:, 0] if order is not None else logits.argmax(-1)
-        return F.one_hot(first, logits.shape[-1]).float()
+    logits # [M, V] fp32. Returns # [M, V] fp32, rows summing to 1."""
+    if params.greedy:  # argmax returns the first maximal id: ties go to the lower id
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_k == 0 and params.top_p >= 1:
         return probs
-    order = _descending(logits) if order is None else order
+    order = _descending(logits)
     ranked = probs.gather(-1, order)  # [M, V] descending
     if params.top_k:
         ranked[:, params.top_k:] = 0
@@ -107,12 +116,11 @@ def draft_law(logits: torch.Tensor, params: list[SamplingParams], top_n: int) ->
     if not 1 <= top_n <= V:
         raise ValueError(f"top_n must be in [1, vocab size {V}], got {top_n}")
     flat = logits.float().reshape(B * n, V)
-    order = _descending(flat)  # [B*n, V]
-    ids = order[:, :top_n]  # [B*n, N]
+    ids = _top_ids(flat, top_n)  # [B*n, N]
     probs = torch.empty(B * n, top_n, dtype=torch.float32, device=logits.device)
     for b_rows in _groups(params, B).values():
         rows = torch.tensor([b * n + i for b in b_rows for i in range(n)], device=logits.device)
-        kept = _process(flat[rows], params[b_rows[0]], order[rows]).gather(-1, ids[rows])  # [M, N]
+        kept = _process(flat[rows], params[b_rows[0]]).gather(-1, ids[rows])  # [M, N]
         probs[rows] = kept / kept.sum(-1, keepdim=True)  # the top id is always kept: mass > 0
     return ids.reshape(B, n, top_n), probs.reshape(B, n, top_n)
 

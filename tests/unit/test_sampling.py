@@ -79,6 +79,20 @@ def test_greedy_ties_break_to_lower_id_in_both_laws():
     assert ids[0, 0].tolist() == [1, 3, 2] and probs[0, 0].tolist() == [1, 0, 0]
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_draft_law_ids_equal_the_stable_full_sort_ties_included(seed):
+    """The draft law's top-k shortcut ranks exactly as a stable descending sort of all V logits:
+    integer-valued logits force ties inside the top N and across its boundary."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, 6, (3, 2, 40), generator=g).float()  # [B, n, V], many ties
+    ids, _ = draft_law(logits, [SamplingParams()] * 3, 8)
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :8]
+    assert torch.equal(ids, order)
+    inner = torch.tensor([9., 9, 8, 8, 8, 7, 7, 6] + [0.] * 32)[torch.randperm(40, generator=g)][None, None]
+    ids, _ = draft_law(inner, [SamplingParams(1.0)], 8)  # ties only inside the top 8: no fallback
+    assert torch.equal(ids, torch.sort(inner, dim=-1, descending=True, stable=True).indices[..., :8])
+
+
 def test_draft_law_restricts_and_renormalises():
     logits = torch.tensor([0.1, 0.05, 0.2, 0.25, 0.4]).log()[None, None]  # [1, 1, 5]
     ids, probs = draft_law(logits, [SamplingParams(1.0)], 3)
