@@ -121,9 +121,11 @@ def round_split(seconds: float, rounds: int, draft_s: float, verify_s: float, dr
             "other_ms": (seconds - critical) * per}
 
 
-def exact(outputs: list[list[int]], reference: list[list[int]]) -> bool:
-    """Every output equals its reference token for token (the lossless check for greedy runs)."""
-    return len(outputs) == len(reference) and all(list(a) == list(b) for a, b in zip(outputs, reference))
+def identical(outputs: list[list[int]], reference: list[list[int]]) -> int:
+    """How many outputs equal their reference token for token (the lossless check for greedy runs)."""
+    if len(outputs) != len(reference):
+        raise ValueError(f"{len(outputs)} outputs for {len(reference)} references")
+    return sum(list(a) == list(b) for a, b in zip(outputs, reference))
 
 
 @dataclass
@@ -137,10 +139,11 @@ class Measurement:
 
 
 def row(labels: dict, m: Measurement, reference: list[list[int]] | None = None) -> dict:
-    """One result row: labels + latency + speculation metrics + round split + `exact` (None: no
-    reference, i.e. sampled; else every output equals its reference)."""
+    """One result row: labels + latency + speculation metrics + round split + `exact` and `identical`
+    (None: no reference, i.e. sampled; else whether every output equals its reference, and how many do)."""
     out = {**labels, **latency_metrics(m.traces, m.wall_s)}
     out.update(speculation_metrics(m.stats if m.stats is not None else SpecStats()))
     out.update(m.split or dict.fromkeys(("rounds", "round_ms", "draft_ms", "verify_ms", "other_ms")))
-    out["exact"] = None if reference is None else exact([t.token_ids for t in m.traces], reference)
+    same = None if reference is None else identical([t.token_ids for t in m.traces], reference)
+    out["identical"], out["exact"] = same, None if same is None else same == len(m.traces)
     return out

@@ -23,13 +23,16 @@ COLUMNS = [  # (header, row path, format)
     ("α", ("acceptance_rate",), "{:.3f}"), ("τ", ("mean_acceptance_length",), "{:.2f}"),
     ("hit", ("cache_hit_rate",), "{:.3f}"), ("round ms", ("round_ms",), "{:.2f}"),
     ("draft ms", ("draft_ms",), "{:.2f}"), ("verify ms", ("verify_ms",), "{:.2f}"),
-    ("other ms", ("other_ms",), "{:.2f}"), ("exact", ("exact",), "{}"), ("errors", ("errors",), "{}"),
+    ("other ms", ("other_ms",), "{:.2f}"), ("exact", ("identical",), "{}/{requests}"), ("errors", ("errors",), "{}"),
 ]
 
 LEGEND = ("Latencies in ms (specray/bench/metrics.py): TPOT = (E2E - TTFT) / (tokens - 1) per request; ITL = gap "
           "between consecutive streamed chunks (vLLM's; with speculation a chunk is a verified block of τ tokens). "
-          "`exact`: every greedy output equals transformers' target-only greedy output (the `hf greedy` rows are "
-          "that reference).")
+          "`exact`: how many greedy outputs equal transformers' target-only greedy output token for token, of all "
+          "(the `hf greedy` rows are that reference). In float32 every row must be exact; in bfloat16 or float16 "
+          "the rounding of a matmul depends on its shape (batch, tokens per call, kernel), so where the target's "
+          "two best logits are within a rounding step of each other any system, transformers' own assisted "
+          "generation included, may take the other token and diverge from there.")
 
 
 def machine_info() -> dict:
@@ -52,15 +55,15 @@ def _get(row: dict, path: tuple[str, ...]):
     return row
 
 
-def _cell(value, fmt: str) -> str:
+def _cell(value, fmt: str, row: dict) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return fmt.format(value)
+    return fmt.format(value, **row)
 
 
 def table(rows: list[dict]) -> str:
     head = "| " + " | ".join(h for h, _, _ in COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    return head + "\n".join("| " + " | ".join(_cell(_get(r, p), f) for _, p, f in COLUMNS) + " |" for r in rows)
+    return head + "\n".join("| " + " | ".join(_cell(_get(r, p), f, r) for _, p, f in COLUMNS) + " |" for r in rows)
 
 
 def _pick(rows: list[dict], **labels) -> list[dict]:

@@ -14,7 +14,7 @@ from specray.bench import make_prompts
 from specray.bench.metrics import (
     Measurement,
     Trace,
-    exact,
+    identical,
     latency_metrics,
     percentile,
     round_split,
@@ -22,7 +22,7 @@ from specray.bench.metrics import (
     speculation_metrics,
     summary_ms,
 )
-from specray.bench.report import goals
+from specray.bench.report import goals, table
 from specray.bench.workload import load_set, select
 from specray.core.sequence import SpecStats
 
@@ -98,13 +98,15 @@ def test_round_split_subtracts_the_draft_only_on_the_critical_path():
 
 
 def test_exact_compares_every_output_token_for_token():
-    assert exact([[1, 2], [3]], [[1, 2], [3]])
-    assert not exact([[1, 2], [4]], [[1, 2], [3]])
-    assert not exact([[1, 2]], [[1, 2], [3]])
+    assert identical([[1, 2], [3]], [[1, 2], [3]]) == 2
+    assert identical([[1, 2], [4]], [[1, 2], [3]]) == 1
+    with pytest.raises(ValueError):
+        identical([[1, 2]], [[1, 2], [3]])
     m = Measurement([trace(0.0, [(0.1, [1]), (0.2, [2])])], 0.2)
-    assert row({"system": "x"}, m)["exact"] is None
+    assert row({"system": "x"}, m)["exact"] is None and row({"system": "x"}, m)["identical"] is None
     assert row({"system": "x"}, m, [[1, 2]])["exact"] is True
     assert row({"system": "x"}, m, [[1, 3]])["exact"] is False
+    assert "| 0/1 |" in table([row({"system": "x"}, m, [[1, 3]])])
 
 
 def _row(system, setting, prompts, tok_s, concurrency=1, ttft=10.0, **extra):
