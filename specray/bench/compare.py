@@ -51,9 +51,10 @@ class Progress:
             self.bar.update()
 
     def note(self, r: dict) -> None:
+        exact = "-" if r["identical"] is None else f"{r['identical']}/{r['requests']}"
         tqdm.write(f"{r['system']} {r['setting']} {r['prompts']} c={r['concurrency']}: "
                    f"{r['output_tokens_per_s']:.1f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f} ms, "
-                   f"TPOT p50 {r['tpot_ms']['p50']:.2f} ms, exact {r['identical']}/{r['requests']}", file=sys.stderr)
+                   f"TPOT p50 {r['tpot_ms']['p50']:.2f} ms, exact {exact}", file=sys.stderr)
 
 
 def _labels(system: str, setting: str, prompts: str, concurrency: int = 1) -> dict:

@@ -19,7 +19,8 @@ Definitions follow vLLM's benchmark_serving and ALGORITHMS.md §5 (times in ms):
 - α = accepted / drafted, τ = 1 + accepted / rounds, accepted per position (counts, and as a rate
   per round), SSD cache hit rate = hits / lookups (None without lookups).
 - Round split (engines whose workers report busy time): wall ms per round, draft and verification
-  compute ms per round, and `other` = the rest (waiting, transport, scheduling); when the draft runs
+  compute ms per round, and `other` = the rest (prefill, waiting, transport, scheduling; prefill is
+  spread over a request's rounds, so it weighs more when τ is high and outputs short); when the draft runs
   off the critical path (SSD through Ray actors) it is not subtracted."""
 from __future__ import annotations
 

@@ -28,6 +28,8 @@ COLUMNS = [  # (header, row path, format)
 
 LEGEND = ("Latencies in ms (specray/bench/metrics.py): TPOT = (E2E - TTFT) / (tokens - 1) per request; ITL = gap "
           "between consecutive streamed chunks (vLLM's; with speculation a chunk is a verified block of τ tokens). "
+          "round / draft / verify / other ms: per verification round, the wall time, the draft's and the target's "
+          "compute, and the rest (prefill included). "
           "`exact`: how many greedy outputs equal transformers' target-only greedy output token for token, of all "
           "(the `hf greedy` rows are that reference). In float32 every row must be exact; in bfloat16 or float16 "
           "the rounding of a matmul depends on its shape (batch, tokens per call, kernel), so where the target's "
@@ -100,7 +102,7 @@ def goals(rows: list[dict], baseline_setting: str) -> list[str]:
         if local:
             a, b = g["ttft_ms"]["p50"], local[0]["ttft_ms"]["p50"]
             lines.append(f"{g['prompts']}: gRPC TTFT p50 at concurrency 1, {g['setting']}: {a:.1f} ms vs "
-                         f"{b:.1f} ms in process: +{a - b:.1f} ms ({a / b:.2f}x)")
+                         f"{b:.1f} ms in process: {a - b:+.1f} ms ({a / b:.2f}x)")
     return lines
 
 
