@@ -140,11 +140,10 @@ class Measurement:
 
 
 def row(labels: dict, m: Measurement, reference: list[list[int]] | None = None) -> dict:
-    """One result row: labels + latency + speculation metrics + round split + `exact` and `identical`
-    (None: no reference, i.e. sampled; else whether every output equals its reference, and how many do)."""
+    """One result row: labels + latency + speculation metrics + round split + `identical` (None: no
+    reference, i.e. sampled; else how many outputs equal their reference: exact when it is `requests`)."""
     out = {**labels, **latency_metrics(m.traces, m.wall_s)}
     out.update(speculation_metrics(m.stats if m.stats is not None else SpecStats()))
     out.update(m.split or dict.fromkeys(("rounds", "round_ms", "draft_ms", "verify_ms", "other_ms")))
-    same = None if reference is None else identical([t.token_ids for t in m.traces], reference)
-    out["identical"], out["exact"] = same, None if same is None else same == len(m.traces)
+    out["identical"] = None if reference is None else identical([t.token_ids for t in m.traces], reference)
     return out

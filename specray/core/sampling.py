@@ -58,7 +58,8 @@ def _descending(logits: torch.Tensor) -> torch.Tensor:
 def _top_ids(logits: torch.Tensor, n: int) -> torch.Tensor:
     """logits # [M, V] -> the first n ids of _descending's order # [M, n], without sorting all V: a
     top-k, then its n winners re-sorted stably (ids ascending, then logits descending). Falls back to
-    the full sort when a tie straddles the n-th place (top-k may pick either of the tied ids)."""
+    the full sort when a tie straddles the n-th place (top-k may pick either of the tied ids). The check
+    syncs with the device once; the draft's law goes to the host right after anyway."""
     values, ids = logits.topk(n, dim=-1)  # [M, n]
     if bool(((logits >= values[:, -1:]).sum(-1) > n).any()):
         return _descending(logits)[:, :n]
