@@ -117,12 +117,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     import asyncio
 
-    from specray.bench.engine_bench import MODES, bench, dump, markdown
+    from specray.bench.engine_bench import bench, dump, markdown
+    from specray.bench.engine_runner import mode_spec
 
     modes = args.modes.split(",")
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {list(MODES)}")
+    for mode in modes:
+        mode_spec(mode)  # raises on an unknown mode
     config = engine_config(args, max_context=args.max_tokens + 512)
     rows = asyncio.run(bench(config, modes, list(args.batch), args.engines.split(","), args.requests,
                              args.max_tokens, args.temperature))
@@ -157,7 +157,8 @@ def add_bench_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--max-tokens", type=int, help="tokens per request (default: 64; quick: 32)")
     b.add_argument("--temperature", type=float, help="0 (default) is greedy, checked against transformers")
     b.add_argument("--concurrency", type=_int_list, help="gRPC client concurrency (default: 1,4,16,64; quick: 1,4,16)")
-    b.add_argument("--modes", type=_str_list, help="specray modes (default: off,chain,tree,async)")
+    b.add_argument("--modes", type=_str_list, help="specray modes (default: off,chain,tree,async; chain:K and "
+                   "async:K set another draft length than 4)")
     b.add_argument("--systems", type=_str_list, help="hf,assisted,local,ray,grpc (default: all)")
     b.add_argument("--max-batch", type=int, help="the gRPC replica's batch (default: 8)")
     b.add_argument("--seed", type=int, help="request i is seeded seed + i (default: 0)")
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=False)
     e = bsub.add_parser("engine", help="every mode, in process and through Ray actors, at several batch sizes")
     add_model_args(e)
-    e.add_argument("--modes", default="off,chain,tree,async")
+    e.add_argument("--modes", default="off,chain,tree,async", help="as `specray bench --modes`")
     e.add_argument("--batch", type=_int_list, default=(1, 8), help="batch sizes, e.g. 1,8")
     e.add_argument("--engines", default="local,ray", help="local,ray")
     e.add_argument("--requests", type=int, default=16, help="requests per setting (code prompts)")

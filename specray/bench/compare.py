@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from specray.bench import hf_baselines as hf
-from specray.bench.engine_runner import MODES, drive, engine_requests
+from specray.bench.engine_runner import drive, engine_requests, mode_spec
 from specray.bench.grpc_load import load, request_fields, serving
 from specray.bench.metrics import row
 from specray.bench.plots import draw_all
@@ -142,7 +142,7 @@ def grpc_rows(cfg: BenchConfig, ids: Prompts, reference: Prompts | None, context
     rows = []
     with serving(app_config(cfg, context)) as address, Client(address) as client:
         for mode in cfg.modes:
-            spec = MODES[mode]
+            spec = mode_spec(mode)
             load(client, [(next(iter(ids.values()))[0], request_fields(spec, 8, cfg.temperature, cfg.seed))], 1)
             for c in cfg.concurrency:
                 for name, ps in ids.items():

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from specray.bench.engine_runner import MODES, drive, engine_requests
+from specray.bench.engine_runner import drive, engine_requests
 from specray.bench.workload import load_set
 from specray.engine import EngineConfig, build_engine
 
-__all__ = ["MODES", "bench", "dump", "markdown"]
+__all__ = ["bench", "dump", "markdown"]
 
 
 async def _run(engine, mode: str, batch: int, requests: int, max_tokens: int, temperature: float) -> dict:

@@ -24,10 +24,22 @@ MODES = {
 }
 
 
+def mode_spec(name: str) -> SpeculationConfig:
+    """A bench mode: a MODES name, or `chain:K` / `async:K` for another draft length K."""
+    mode, _, k = name.partition(":")
+    if mode not in MODES or (k and mode not in ("chain", "async")):
+        raise ValueError(f"unknown mode {name!r}; choose from {list(MODES)}, or chain:K / async:K")
+    if not k:
+        return MODES[mode]
+    if not k.isdigit() or int(k) < 1:
+        raise ValueError(f"mode {name!r}: K must be an integer >= 1")
+    return SpeculationConfig(mode, int(k))
+
+
 def engine_requests(tag: str, prompts: list[list[int]], mode: str, max_tokens: int, temperature: float,
                     seed: int = 0) -> list[EngineRequest]:
     """One request per prompt in `mode`, exactly max_tokens long (EOS ignored), seeded seed + i."""
-    return [EngineRequest(f"{tag}-{i}", tuple(p), SamplingParams(temperature, seed=seed + i), MODES[mode],
+    return [EngineRequest(f"{tag}-{i}", tuple(p), SamplingParams(temperature, seed=seed + i), mode_spec(mode),
                           max_tokens, ignore_eos=True) for i, p in enumerate(prompts)]
 
 

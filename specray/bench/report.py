@@ -93,7 +93,7 @@ def goals(rows: list[dict], baseline_setting: str) -> list[str]:
                                  f"{ours['output_tokens_per_s']:.1f} tok/s = "
                                  f"{ours['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}x {name} "
                                  f"{b['setting']} ({b['output_tokens_per_s']:.1f} tok/s)")
-    for r in _pick(rows, setting="async"):
+    for r in (r for r in rows if r["setting"].partition(":")[0] == "async"):  # async and async:K
         if r.get("verify_ms"):
             lines.append(f"{r['prompts']}: SSD round through {r['system']} = {r['round_ms']:.2f} ms = "
                          f"{r['round_ms'] / r['verify_ms']:.2f}x verification ({r['verify_ms']:.2f} ms)")

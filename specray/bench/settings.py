@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from specray.assets import DEMO_DRAFT, DEMO_TARGET
-from specray.bench.engine_runner import MODES
+from specray.bench.engine_runner import MODES, mode_spec
 from specray.bench.workload import SETS
 
 SYSTEMS = ("hf", "assisted", "local", "ray", "grpc")
@@ -64,10 +64,14 @@ class BenchConfig:
     out: Path | None = None  # None: bench_results/<timestamp>/
 
     def __post_init__(self):
-        for name, allowed in (("prompt_sets", SETS), ("modes", tuple(MODES)), ("systems", SYSTEMS)):
+        for name, allowed in (("prompt_sets", SETS), ("systems", SYSTEMS)):
             unknown = sorted(set(getattr(self, name)) - set(allowed))
             if unknown or not getattr(self, name):
                 raise ValueError(f"{name}: unknown {unknown} or none given; choose from {list(allowed)}")
+        if not self.modes:
+            raise ValueError(f"modes: none given; choose from {list(MODES)}, or chain:K / async:K")
+        for mode in self.modes:
+            mode_spec(mode)
         if self.max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2 (TPOT needs two tokens), got {self.max_tokens}")
         if self.temperature < 0 or self.sampled_temperature <= 0:

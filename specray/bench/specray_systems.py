@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from specray.bench.engine_runner import MODES, drive, engine_requests
+from specray.bench.engine_runner import drive, engine_requests, mode_spec
 from specray.bench.settings import BenchConfig
 from specray.engine import ActorResources, Engine, EngineConfig
 
 
 def max_context(cfg: BenchConfig, prompt_lens: list[int]) -> int:
     """KV rows per slot: the longest prompt + max_tokens + the largest round's speculation."""
-    return max(prompt_lens) + cfg.max_tokens + max(MODES[m].draft_rows for m in cfg.modes)
+    return max(prompt_lens) + cfg.max_tokens + max(mode_spec(m).draft_rows for m in cfg.modes)
 
 
 def engine_config(cfg: BenchConfig, kind: str, context: int) -> EngineConfig:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from specray.bench import make_prompts
+from specray.bench.engine_runner import mode_spec
 from specray.bench.metrics import (
     Measurement,
     Trace,
@@ -23,8 +24,10 @@ from specray.bench.metrics import (
     summary_ms,
 )
 from specray.bench.report import goals, table
+from specray.bench.settings import BenchConfig
 from specray.bench.workload import load_set, select
 from specray.core.sequence import SpecStats
+from specray.core.speculation import SpeculationConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -156,3 +159,19 @@ def test_code_prompts_come_from_held_out_modules_only():
         if (stdlib / path).is_file():
             lines = set((stdlib / path).read_text().splitlines())
             assert all(line in lines for line in p.text.splitlines()), p.source
+
+
+def test_bench_modes_take_a_draft_length_and_reject_the_rest():
+    assert mode_spec("chain") == SpeculationConfig("chain", 4)
+    assert mode_spec("chain:2") == SpeculationConfig("chain", 2)
+    assert mode_spec("async:6") == SpeculationConfig("async", 6)
+    for bad in ("tree:2", "off:1", "chain:0", "chain:x", "beam"):
+        with pytest.raises(ValueError, match="mode"):
+            mode_spec(bad)
+    assert BenchConfig.build(modes=("chain:2", "off")).modes == ("chain:2", "off")
+    with pytest.raises(ValueError, match="K must be"):
+        BenchConfig.build(modes=("chain:-1",))
+    with pytest.raises(ValueError, match="none given"):
+        BenchConfig.build(modes=())
+    rows = [_row("local", "async:2", "code", 10.0, round_ms=20.0, verify_ms=8.0)]
+    assert any("SSD round through local = 20.00 ms = 2.50x" in line for line in goals(rows, "greedy"))
