@@ -24,6 +24,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-target-stages", type=int, default=1, help="split the target's layers over N stages")
+    p.add_argument("--transport", choices=["graph", "calls"], default=None,
+                   help="Ray actors: a step as a compiled graph or as actor calls (default: the engine's; "
+                        "README: Choosing a transport)")
 
 
 SPEC_DEFAULTS = {"mode": "chain", "num_speculative_tokens": 4, "saguaro_c": 1.0, "backup": "auto"}
@@ -67,10 +70,15 @@ def speculation_config(args: argparse.Namespace):
     return SpeculationConfig(**speculation_settings(args))
 
 
+def transport_setting(args: argparse.Namespace) -> dict:
+    """{"transport": T} when --transport was given, else {} (the engine's default)."""
+    return {"transport": args.transport} if args.transport else {}
+
+
 def engine_config(args: argparse.Namespace, **overrides):
     from specray.engine import EngineConfig
     return EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, device=args.device,
-                        num_target_stages=args.num_target_stages, **overrides)
+                        num_target_stages=args.num_target_stages, **transport_setting(args), **overrides)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -190,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(e)
     e.add_argument("--modes", default="off,chain,tree,async", help="as `specray bench --modes`")
     e.add_argument("--batch", type=_int_list, default=(1, 8), help="batch sizes, e.g. 1,8")
-    e.add_argument("--engines", default="local,ray", help="local,ray")
+    e.add_argument("--engines", default="local,ray:graph,ray:calls",
+                   help="local, ray (with --transport), ray:graph, ray:calls")
     e.add_argument("--requests", type=int, default=16, help="requests per setting (code prompts)")
     e.add_argument("--max-tokens", type=int, default=64)
     e.add_argument("--temperature", type=float, default=0.0)

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 
 from specray.core.speculation import Speculation
+from specray.core.target import Upstream
 from specray.core.tree import Tree
 
 HiddenWire = tuple[np.ndarray, str]  # an array and the torch dtype's name when numpy lacks it ("" otherwise)
+UpWire = tuple[dict[str, HiddenWire], HiddenWire | None] | None  # a stage's output (core.target.Upstream)
 # (rid, root, tree parents, tokens, q_ids [1+N, top_n], q_probs [1+N, top_n], with_replacement, stats)
 SpecWire = tuple
 
@@ -24,10 +26,27 @@ def hidden_to_wire(h: torch.Tensor) -> HiddenWire:
     return (h.view(torch.int16).numpy(), "bfloat16") if h.dtype == torch.bfloat16 else (h.numpy(), "")
 
 
-def hidden_from_wire(w: HiddenWire, device: torch.device) -> torch.Tensor:
+def hidden_from_wire(w: HiddenWire | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host array back on `device`; a tensor (kept on its device by the sender) as it is."""
+    if isinstance(w, torch.Tensor):
+        return w.to(device)
     array, dtype = w
     h = torch.from_numpy(array.copy())  # Ray hands out read-only arrays
     return (h.view(torch.bfloat16) if dtype == "bfloat16" else h).to(device)
+
+
+def up_to_wire(up: Upstream) -> UpWire:
+    prefilled, hidden = up
+    return ({rid: hidden_to_wire(h) for rid, h in prefilled.items()},
+            None if hidden is None else hidden_to_wire(hidden))
+
+
+def up_from_wire(w: UpWire, device: torch.device) -> Upstream:
+    if w is None:
+        return None
+    prefilled, hidden = w
+    return ({rid: hidden_from_wire(h, device) for rid, h in prefilled.items()},
+            None if hidden is None else hidden_from_wire(hidden, device))
 
 
 def specs_to_wire(specs: list[Speculation]) -> list[SpecWire]:

@@ -1,6 +1,6 @@
 """`specray bench engine`: every mode on one model pair, in process and through Ray actors.
 
-For each engine kind, mode and batch size it runs the held-out code prompts (workload.py) with batch-size
+For each engine (`local`, `ray:graph`, `ray:calls`: engine.workers), mode and batch size it runs the held-out code prompts (workload.py) with batch-size
 requests in flight and prints output tokens/s, acceptance rate α, mean acceptance length τ, the
 SSD cache hit rate, and the per-round time split: draft compute, verification compute (all target
 stages), and the rest (waiting, transport, scheduling). Run side by side in one process, so the
@@ -13,6 +13,7 @@ from dataclasses import replace
 from specray.bench.engine_runner import drive, engine_requests
 from specray.bench.workload import load_set
 from specray.engine import EngineConfig, build_engine
+from specray.engine.requests import TRANSPORTS
 
 __all__ = ["bench", "dump", "markdown"]
 
@@ -22,18 +23,31 @@ async def _run(engine, mode: str, batch: int, requests: int, max_tokens: int, te
     prompts = [engine.tokenizer.encode(p.text, add_special_tokens=False) for p in load_set("code")[:requests]]
     m = await drive(engine, engine_requests(f"{mode}-{batch}", prompts, mode, max_tokens, temperature), batch)
     tokens = sum(len(t.token_ids) for t in m.traces)
-    return {"engine": engine.config.kind, "mode": mode, "batch": batch, "output_tokens_per_s": tokens / m.wall_s,
+    return {"engine": engine_name(engine.config), "mode": mode, "batch": batch, "output_tokens_per_s": tokens / m.wall_s,
             "acceptance_rate": m.stats.acceptance_rate, "mean_acceptance_length": m.stats.mean_acceptance_length,
             "cache_hit_rate": m.stats.cache_hit_rate if m.stats.cache_lookups else None,
             **m.split, "output_tokens": tokens, "seconds": m.wall_s}
 
 
+def engine_name(config: EngineConfig) -> str:
+    return "local" if config.kind == "local" else f"ray:{config.transport}"
+
+
+def engine_setting(config: EngineConfig, name: str) -> EngineConfig:
+    """`local`, `ray` (config's transport) or `ray:TRANSPORT` as an engine configuration."""
+    kind, _, transport = name.partition(":")
+    if kind not in ("local", "ray") or (transport and (kind != "ray" or transport not in TRANSPORTS)):
+        raise ValueError(f"unknown engine {name!r}; choose local, ray, or ray:T with T in {TRANSPORTS}")
+    return replace(config, kind=kind, transport=transport or config.transport)
+
+
 async def bench(config: EngineConfig, modes: list[str], batches: list[int], engines: list[str], requests: int,
                 max_tokens: int, temperature: float, progress=print) -> list[dict]:
     rows = []
-    for kind in engines:
+    settings = [engine_setting(config, name) for name in engines]
+    for setting in settings:
         for batch in batches:
-            engine = build_engine(replace(config, kind=kind, max_batch=batch))
+            engine = build_engine(replace(setting, max_batch=batch))
             try:
                 await _run(engine, "chain", batch, batch, 8, temperature)  # warm-up
                 for mode in modes:

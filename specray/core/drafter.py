@@ -20,6 +20,7 @@ from specray.core.model import Shard
 from specray.core.sampling import SamplingParams, draft_law, draw_children, make_generator
 from specray.core.speculation import Speculation, SpeculationConfig
 from specray.core.ssd import SpeculationCache, geometric_fan_out, saguaro
+from specray.core.step import Work
 from specray.core.tree import Tree
 from specray.core.verify import Outcome
 
@@ -88,8 +89,20 @@ class Drafter:
                            torch.zeros(1 + tree.num_nodes, self.top_n, dtype=torch.long),
                            torch.zeros(1 + tree.num_nodes, self.top_n), seq.spec.with_replacement)
 
-    def propose(self, rids: list[str]) -> list[Speculation]:
-        """One speculation per sequence: an SSD hit, a fast backup, or freshly drafted."""
+    def apply(self, work: Work) -> None:
+        """A step's bookkeeping (core.step): commit the last outcomes, forget removed sequences, admit."""
+        self.commit(work.outcomes)
+        for rid in work.remove:
+            if rid in self.seqs:
+                self.remove(rid)
+        for a in work.add:
+            self.add(a.rid, list(a.prompt), a.params, a.spec)
+
+    def propose(self, work: Work) -> list[Speculation]:
+        """Apply the step's work, then one speculation per `work.rids`: an SSD hit, a fast backup, or
+        freshly drafted."""
+        self.apply(work)
+        rids = work.rids
         fast = len(rids) >= self.auto_backup_batch
         specs, fresh = [], []
         for rid in rids:
@@ -151,9 +164,10 @@ class Drafter:
         for child, token in zip(children, drawn):
             spec.tokens[child] = token
 
-    def prepare(self, rids: list[str]) -> None:
-        """SSD: while the target verifies, draft the next round for each likely outcome (k, b)."""
-        seqs = [s for s in map(self.seqs.get, rids)
+    def prepare(self, work: Work, specs=None) -> None:
+        """SSD: while the target verifies, draft the next round for each likely outcome (k, b) of the
+        sequences `propose(work)` just sent (`specs`, unused here, orders this call after it)."""
+        seqs = [s for s in map(self.seqs.get, work.rids)
                 if s.spec.mode == "async" and s.slot is not None and s.last.tree.num_nodes]
         if not seqs:
             return

@@ -1,7 +1,8 @@
 """In-process reference generation: draft, target stages and the round loop in one process.
 
-This is the algorithm with nothing around it: the distributed engine runs the same `Drafter` and
-`TargetStage` objects inside Ray actors, so its output must equal this one's."""
+This is the algorithm with nothing around it: the same step (core.step.run_step) over the same
+`Drafter` and `TargetStage` objects that the distributed engine runs inside Ray actors, so its
+output must equal this one's."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from specray.core.model import Shard
 from specray.core.sampling import SamplingParams
 from specray.core.sequence import Sequence, SpecStats
 from specray.core.speculation import SpeculationConfig
+from specray.core.step import Admission, Work, direct, run_step
 from specray.core.target import TargetStage
 
 
@@ -19,28 +21,6 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     stats: SpecStats
-
-
-def run_round(drafter: Drafter, stages: list[TargetStage], rids: list[str]):
-    """One verification round for every sequence: propose, verify through the stages, commit."""
-    specs = drafter.propose(rids)
-    drafter.prepare(rids)  # SSD drafts the next round here; in the Ray engine this overlaps verification
-    hidden = None
-    for stage in stages:
-        hidden = stage.forward(specs, hidden)
-    outcomes = stages[-1].verify(specs, hidden)
-    for stage in stages:
-        stage.commit(outcomes)
-    drafter.commit(outcomes)
-    return specs, outcomes
-
-
-def prefill(stages: list[TargetStage], rid: str, prompt: list[int]) -> None:
-    """Feed all but the last prompt token through the stages (the last is t0 of the first round)."""
-    hidden = prompt[:-1]
-    if hidden:
-        for stage in stages:
-            hidden = stage.prefill(rid, hidden)
 
 
 def generate(target: list[Shard], draft: Shard | None, prompts: list[list[int]],
@@ -55,26 +35,19 @@ def generate(target: list[Shard], draft: Shard | None, prompts: list[list[int]],
     slots = len(prompts)
     drafter = Drafter(draft if draft is not None else target[0], slots, max_len, top_n)
     stages = [TargetStage(shard, slots, max_len) for shard in target]
-    seqs = {}
+    seqs, admit = {}, []
     for i, (prompt, p, s) in enumerate(zip(prompts, params, specs)):
         if not prompt:
             raise ValueError("prompt must not be empty")
-        rid = str(i)
-        seqs[rid] = Sequence(rid, list(prompt), max_tokens, frozenset(eos_ids))
-        drafter.add(rid, prompt, p, s)
-        for stage in stages:
-            stage.add(rid, p)
-        prefill(stages, rid, prompt)
-    running = list(seqs)
-    while running:
-        round_specs, outcomes = run_round(drafter, stages, running)
-        for sent in round_specs:
-            seq, out = seqs[sent.rid], outcomes[sent.rid]
-            seq.stats.record(sent.tree.depth, out, sent.stats)
-            seq.extend([sent.tokens[j] for j in out.accepted] + [out.token])
-        for rid in [r for r in running if seqs[r].finish_reason]:
-            running.remove(rid)
-            drafter.remove(rid)
-            for stage in stages:
-                stage.remove(rid)
+        seqs[str(i)] = Sequence(str(i), list(prompt), max_tokens, frozenset(eos_ids))
+        admit.append(Admission(str(i), tuple(prompt), p, s))
+    work = Work(add=tuple(admit), rids=tuple(seqs))
+    while work.rids:
+        results, _ = run_step(direct, drafter, stages, work)
+        for rid, result in results.items():
+            seqs[rid].stats.record(result.depth, result.outcome, result.stats)
+            seqs[rid].extend(list(result.tokens))
+        done = tuple(rid for rid in work.rids if seqs[rid].finish_reason)
+        work = Work({rid: r.outcome for rid, r in results.items()}, done,
+                    rids=tuple(r for r in work.rids if r not in done))
     return [Completion(s.output, s.finish_reason, s.stats) for s in seqs.values()]

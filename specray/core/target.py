@@ -1,8 +1,9 @@
 """One target stage: a layer range of the target model with its KV slots.
 
-Every stage runs the verification forward over [t0] + the speculation's tree for each sequence;
-the last stage also turns its rows into target probabilities and verifies, so no V-wide tensor
-leaves it. `commit` keeps t0 and the accepted path in this stage's cache. Knows nothing of Ray."""
+Every stage applies a step's work (core.step: commit, remove, admit with prefill), then runs the
+verification forward over [t0] + the speculation's tree for each sequence; the last stage also
+turns its rows into target probabilities and verifies, so no V-wide tensor leaves it. `commit`
+keeps t0 and the accepted path in this stage's cache. Knows nothing of Ray."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,11 @@ from specray.core.batch import Rows, causal_rows, pack
 from specray.core.model import Shard
 from specray.core.sampling import SamplingParams, make_generator, target_probs
 from specray.core.speculation import Speculation
+from specray.core.step import RoundResult, Work
 from specray.core.verify import Outcome, TorchRng, verify_tree
+
+Prefilled = dict[str, torch.Tensor]  # rid -> hidden [1, n, H] of its prompt (to the next stage)
+Upstream = tuple[Prefilled, torch.Tensor | None] | None  # a stage's output: prefill and round hidden states
 
 
 @dataclass
@@ -53,9 +58,43 @@ class TargetStage:
             outs.append(self.shard(chunk, self.cache, slot, rows.positions, rows.base, rows.window))
         return torch.cat(outs, dim=1) if outs else None
 
-    def forward(self, specs: list[Speculation], x: torch.Tensor | None = None) -> torch.Tensor:
-        """Verification forward. x: hidden [B, n, H] from the previous stage (None on the first).
-        Returns hidden [B, n, H]; row 0 of each sequence is t0, row 1+j is tree node j."""
+    def apply(self, work: Work, prefilled: Prefilled | None) -> Prefilled:
+        """A step's bookkeeping: commit the last outcomes, forget removed sequences, admit and prefill
+        new ones (prompt ids on the first stage, else the previous stage's `prefilled` hidden states).
+        Returns this stage's prefill hidden states per admitted sequence."""
+        self.commit(work.outcomes)
+        for rid in work.remove:
+            if rid in self.seqs:
+                self.remove(rid)
+        out = {}
+        for a in work.add:
+            self.add(a.rid, a.params)
+            x = list(a.prompt[:-1]) if self.shard.is_first else (prefilled or {}).get(a.rid)
+            if x is not None and len(x):
+                out[a.rid] = self.prefill(a.rid, x)
+        return out
+
+    def forward(self, work: Work, specs: list[Speculation], up: Upstream = None) -> Upstream:
+        """A stage's part of a step: apply the work, then the verification forward of `specs` (the
+        sequences of work.rids). up: the previous stage's output (None on the first stage).
+        Returns (prefill hidden states, hidden [B, n, H] or None without specs): row 0 of each
+        sequence is t0, row 1+j is tree node j."""
+        prefilled, x = up if up is not None else (None, None)
+        prefilled = self.apply(work, prefilled)
+        return prefilled, self._forward(specs, x) if specs else None
+
+    def verify(self, work: Work, specs: list[Speculation], up: Upstream = None) -> dict[str, RoundResult]:
+        """Last stage: apply the work, forward, then accept or reject every speculation. The outcomes
+        are committed with the next step's work, like every other worker's."""
+        _, hidden = self.forward(work, specs, up)
+        if not specs:
+            return {}
+        outcomes = self._verify(specs, hidden)
+        return {s.rid: RoundResult(o, tuple(s.tokens[j] for j in o.accepted) + (o.token,), s.tree.depth,
+                                   dict(s.stats)) for s in specs for o in (outcomes[s.rid],)}
+
+    def _forward(self, specs: list[Speculation], x: torch.Tensor | None = None) -> torch.Tensor:
+        """x: hidden [B, n, H] from the previous stage (None on the first). Returns hidden [B, n, H]."""
         rows = []
         for spec in specs:
             seq = self.seqs[spec.rid]
@@ -66,8 +105,8 @@ class TargetStage:
         slots = torch.tensor([self.seqs[s.rid].slot for s in specs])
         return self.shard(p.x if x is None else x, self.cache, slots, p.positions, p.base, p.window, p.num_valid)
 
-    def verify(self, specs: list[Speculation], hidden: torch.Tensor) -> dict[str, Outcome]:
-        """Last stage only: accept or reject every speculation. hidden: [B, n, H]."""
+    def _verify(self, specs: list[Speculation], hidden: torch.Tensor) -> dict[str, Outcome]:
+        """Accept or reject every speculation. hidden: [B, n, H] from this (the last) stage."""
         sizes = [1 + s.tree.num_nodes for s in specs]
         rows = torch.cat([hidden[b, :m] for b, m in enumerate(sizes)])  # [R, H]
         params = [self.seqs[s.rid].params for s, m in zip(specs, sizes) for _ in range(m)]

@@ -5,9 +5,10 @@ while there is work; each `step`:
 
 1. drops requests whose consumer went away (their slots are freed);
 2. admits waiting requests while slots are free (prefill on the draft and every stage);
-3. runs ONE round for every running sequence, whatever its mode or sampling settings;
-4. appends each sequence's committed tokens (cut at EOS, a stop string or max_tokens), streams
-   them, and retires finished sequences.
+3. runs ONE round for every running sequence, whatever its mode or sampling settings, and while
+   it runs, streams the tokens the previous round committed (detokenising is off the critical path);
+4. appends each sequence's committed tokens (cut at EOS, a stop string or max_tokens) and retires
+   finished sequences, streaming their last tokens at once.
 
 The engine sees token ids and small statistics only. It knows nothing of Ray (the workers do),
 Serve or gRPC; it raises `ValueError` for a request it cannot serve."""
@@ -20,8 +21,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from specray.actors.target_stage import RoundResult
 from specray.core.sequence import Sequence, SpecStats
+from specray.core.step import RoundResult
 from specray.engine.detokenizer import Detokenizer
 from specray.engine.requests import Delta, EngineConfig, EngineRequest
 
@@ -38,6 +39,7 @@ class _Request:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # Delta | BaseException
     text: str = ""     # output text so far (cut at a stop string)
     sent: int = 0      # characters of text already streamed
+    fresh: list[int] = field(default_factory=list)  # committed tokens not streamed yet
     gone: bool = False  # the consumer stopped listening
 
     @property
@@ -144,6 +146,8 @@ class Engine:
             while self._waiting or self._running:
                 await self.step()
                 await asyncio.sleep(0)  # let consumers take their deltas
+                if not (self._waiting or self._running):
+                    await self.workers.flush()  # idle: the workers free finished sequences' slots now
         except BaseException as e:
             reason = EngineStopped("engine shut down") if isinstance(e, asyncio.CancelledError) else e
             self._retire(list(self._running.values()), reason)
@@ -153,7 +157,8 @@ class Engine:
             raise
 
     async def step(self) -> None:
-        """One step: drop abandoned requests, admit, one round for all running, stream, retire."""
+        """One step: drop abandoned requests, admit, one round for all running, stream, retire. The
+        text of the previous round is detokenised and streamed while this round runs."""
         self._waiting = deque(r for r in self._waiting if not r.gone)
         gone = [r for r in self._running.values() if r.gone]
         self.num_cancelled += len(gone)
@@ -161,8 +166,11 @@ class Engine:
         await self._admit()
         if not self._running:
             return
+        round_ = asyncio.ensure_future(self.workers.round(list(self._running)))
+        await asyncio.sleep(0)  # the round's task submits its work before the flush
+        self._flush()
         try:
-            results = await self.workers.round(list(self._running))
+            results = await round_
         except Exception as e:  # noqa: BLE001 -- a failed round fails its requests, not the engine
             self._retire(list(self._running.values()), e)
             return
@@ -170,9 +178,7 @@ class Engine:
         finished = []
         for rid, result in results.items():
             r = self._running[rid]
-            delta = self._commit(r, result)
-            r.queue.put_nowait(delta)
-            if delta.finish_reason:
+            if self._commit(r, result):
                 finished.append(r)
         self._retire(finished)
 
@@ -190,12 +196,26 @@ class Engine:
             return
         self._running.update((r.req.rid, r) for r in batch)
 
-    def _commit(self, r: _Request, result: RoundResult) -> Delta:
-        """Append one round's tokens to r; return the delta to stream."""
-        seq = r.seq
-        seq.stats.record(result.depth, result, result.stats)
-        start = len(seq.output)
-        kept = seq.extend(list(result.tokens))
+    def _commit(self, r: _Request, result: RoundResult) -> bool:
+        """Append one round's tokens to r (cut at EOS or max_tokens); True if r finished. A finished
+        request, or one with stop strings (which need the text to finish), streams at once; the
+        others' tokens wait for `_flush`, while the next round runs."""
+        r.seq.stats.record(result.depth, result.outcome, result.stats)
+        r.fresh += r.seq.extend(list(result.tokens))
+        if r.seq.finish_reason or r.req.stop:
+            self._emit(r)  # may finish r at a stop string
+        return r.seq.finish_reason is not None
+
+    def _flush(self) -> None:
+        """Stream every running request's committed tokens not streamed yet."""
+        for r in self._running.values():
+            if r.fresh:
+                self._emit(r)
+
+    def _emit(self, r: _Request) -> None:
+        """Detokenise r's fresh tokens, cut at a stop string, and stream them as one delta."""
+        seq, kept, r.fresh = r.seq, r.fresh, []
+        start = len(seq.output) - len(kept)
         if r.detok is not None:
             for i, token in enumerate(kept):
                 seen = len(r.text)
@@ -208,7 +228,7 @@ class Engine:
         end = len(r.text) if seq.finish_reason else max(r.sent, len(r.text) - r.holdback)
         text, r.sent = r.text[r.sent:end], end
         stats = copy.deepcopy(seq.stats) if seq.finish_reason else None
-        return Delta(seq.rid, tuple(kept), text, seq.finish_reason, stats)
+        r.queue.put_nowait(Delta(seq.rid, tuple(kept), text, seq.finish_reason, stats))
 
     @staticmethod
     def _cut_at_stop(r: _Request, seen: int) -> bool:

@@ -15,6 +15,7 @@ from specray.core.sequence import SpecStats
 from specray.core.speculation import SpeculationConfig
 
 KINDS = ("local", "ray")
+TRANSPORTS = ("graph", "calls")
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class EngineConfig:
     sequences running at once. max_context: KV rows per slot (prompt + output + one speculation).
     auto_backup_batch: b*, the running-batch size from which SSD's `auto` backup is `fast`.
     kind: `local` runs the workers in process (torch threads = stage_resources.num_cpus), `ray` as
-    actors, each with its own resources (torch threads = its num_cpus)."""
+    actors, each with its own resources (torch threads = its num_cpus). transport (ray only): how a
+    step reaches the actors, `graph` (a compiled Ray graph) or `calls` (one actor call per worker)."""
     target: str
     draft: str | None = None
     dtype: str = "float32"
@@ -86,6 +88,7 @@ class EngineConfig:
     auto_backup_batch: int = 2
     top_n: int = 8
     kind: str = "local"
+    transport: str = "graph"
     tokenizer: str | None = None  # None: the target's
     draft_resources: ActorResources = ActorResources()
     stage_resources: ActorResources = ActorResources()
@@ -109,6 +112,8 @@ class EngineConfig:
             raise ValueError(f"top_n must be >= 1, got {self.top_n}")
         if self.kind not in KINDS:
             raise ValueError(f"engine kind must be one of {KINDS}, got {self.kind!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.draft is None and self.spec.mode != "off":
             raise ValueError(f"default mode {self.spec.mode!r} needs a draft model; give one or use "
                              "mode 'off'")

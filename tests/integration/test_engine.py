@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import shutil
+import time
 from typing import ClassVar
 
 import pytest
@@ -58,7 +59,7 @@ def run(coro):
 def ray_local():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=2e8)
+    ray.init(include_dashboard=False, object_store_memory=2e8)  # this machine's CPUs, as users get
     yield
     ray.shutdown()
 
@@ -91,14 +92,15 @@ def config(pair, **kw) -> EngineConfig:
     return EngineConfig(pair[0], pair[1], max_batch=8, max_context=192, **kw)
 
 
-@pytest.fixture(scope="module")
-def ray_engines(ray_local, pair3):
-    """One Ray engine per stage count; the 2-stage one is placed through a placement group."""
+@pytest.fixture(scope="module", params=["graph", "calls"])
+def ray_engines(ray_local, pair3, request):
+    """One Ray engine per stage count, for each transport; the 2-stage one is placed through a
+    placement group."""
     from ray.util.placement_group import placement_group, remove_placement_group
-    res = ActorResources(num_cpus=0.25)  # 9 actors on a 4-CPU cluster; each still runs torch on 1 thread
-    pg = placement_group([{"CPU": 0.25}] * 3)
+    res = ActorResources(num_cpus=0.2)  # 9 actors in 1.8 CPUs; each still runs torch on 1 thread
+    pg = placement_group([{"CPU": 0.2}] * 3)
     ray.get(pg.ready())
-    engines = {n: build_engine(config(pair3, kind="ray", num_target_stages=n,
+    engines = {n: build_engine(config(pair3, kind="ray", transport=request.param, num_target_stages=n,
                                       layer_split=(2, 1) if n == 2 else (), draft_resources=res,
                                       stage_resources=res),
                                CharTokenizer(), placement_group=pg if n == 2 else None) for n in (1, 2, 3)}
@@ -211,6 +213,7 @@ def test_cancellation_frees_slots(ray_engines, prompts, greedy):
     assert tokens == greedy[1][:45]
     assert engine.free_slots == 8 and engine.running == engine.waiting == 0 and engine.num_cancelled >= 2
     actors = [*workers.stages, workers.draft]
+    run(workers.flush())  # removals reach the actors with the next step (the engine flushes when idle)
     assert ray.get([a.num_free.remote() for a in actors]) == [8] * 3
     tokens, _, _ = run(complete(engine, EngineRequest("dropped", prompts[2], SamplingParams(), MODES[3], 20)))
     assert tokens == greedy[2][:20]  # the id and the slots are usable again
@@ -368,6 +371,18 @@ def test_detokenizer_holds_back_partial_characters():
 def test_actor_resources_validate():
     with pytest.raises(ValueError, match="num_cpus"):
         ActorResources(num_cpus=-1)
+
+
+def test_infeasible_placement_fails_at_once_naming_the_resources(ray_local, pair3):
+    cpus = ray.cluster_resources()["CPU"]
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"CPU {1 + 2 * cpus:g} asked, {cpus:g} in the cluster"):
+        build_engine(config(pair3, kind="ray", num_target_stages=2, stage_resources=ActorResources(cpus)),
+                     CharTokenizer())
+    with pytest.raises(ValueError, match="no node of this Ray cluster has"):
+        build_engine(config(pair3, kind="ray", draft_resources=ActorResources(0.1, resources={"tpu": 1})),
+                     CharTokenizer())
+    assert time.monotonic() - start < 10
 
 
 @pytest.mark.parametrize("kind", ["local", "ray"])

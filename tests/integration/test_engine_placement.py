@@ -43,11 +43,12 @@ def cluster():
     c.shutdown()
 
 
-def test_draft_and_stages_on_their_own_nodes(cluster, tmp_path):
+@pytest.mark.parametrize("transport", ["graph", "calls"])
+def test_draft_and_stages_on_their_own_nodes(cluster, tmp_path, transport):
     draft_node, target_node = cluster
     target, draft = make_pair(tmp_path, vocab=97, seed=4, noise=0.3, layers=2)
     engine = build_engine(EngineConfig(
-        target, draft, kind="ray", num_target_stages=2, max_batch=4, max_context=128,
+        target, draft, kind="ray", transport=transport, num_target_stages=2, max_batch=4, max_context=128,
         draft_resources=ActorResources(num_cpus=0.5, resources={"draft_node": 1}),
         stage_resources=ActorResources(num_cpus=0.5, resources={"target_node": 0.5})), tokenizer=Letters())
     workers = engine.workers
