@@ -43,8 +43,3 @@ class TargetStageWorker:
         """The last stage: apply the work, forward, verify. Returns {rid: RoundResult}."""
         with self.busy:
             return self.stage.verify(work, specs_from_wire(specs), up_from_wire(up, self.device))
-
-    def join(self, results: dict[str, RoundResult], prepared: None) -> dict[str, RoundResult]:
-        """A compiled graph's last node: the results once the draft's SSD preparation is done too, so
-        the step has one output."""
-        return results

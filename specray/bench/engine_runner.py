@@ -66,6 +66,6 @@ async def drive(engine: Engine, requests: list[EngineRequest], concurrency: int,
     wall = time.perf_counter() - start
     after = await engine.timings()
     spent = {k: after[k] - before[k] for k in after}
-    overlapped = engine.config.kind == "ray" and all(r.spec.mode == "async" for r in requests)
+    overlapped = all(r.spec.mode == "async" for r in requests)
     return Measurement(traces, wall, stats,
                        round_split(wall, spent["rounds"], spent["draft_s"], spent["verify_s"], overlapped))

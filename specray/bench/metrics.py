@@ -19,9 +19,9 @@ Definitions follow vLLM's benchmark_serving and ALGORITHMS.md §5 (times in ms):
 - α = accepted / drafted, τ = 1 + accepted / rounds, accepted per position (counts, and as a rate
   per round), SSD cache hit rate = hits / lookups (None without lookups).
 - Round split (engines whose workers report busy time): wall ms per round, draft and verification
-  compute ms per round, and `other` = the rest (prefill, waiting, transport, scheduling; prefill is
-  spread over a request's rounds, so it weighs more when τ is high and outputs short); when the draft runs
-  off the critical path (SSD through Ray actors) it is not subtracted."""
+  compute ms per round (prefill included, spread over a request's rounds), and `other` = the rest
+  (waiting, transport, scheduling, the engine's own work); when the draft's preparation runs off the
+  critical path (SSD) the draft is not subtracted."""
 from __future__ import annotations
 
 import math
@@ -115,7 +115,7 @@ def speculation_metrics(stats: SpecStats) -> dict:
 
 def round_split(seconds: float, rounds: int, draft_s: float, verify_s: float, draft_overlapped: bool) -> dict:
     """Per-round wall, draft, verification and other ms; draft_overlapped: the draft ran off the
-    critical path (SSD through Ray actors), so it is not part of the round's critical compute."""
+    critical path (SSD), so it is not part of the round's critical compute."""
     per = 1000 / max(rounds, 1)
     critical = verify_s + (0.0 if draft_overlapped else draft_s)
     return {"rounds": rounds, "round_ms": seconds * per, "draft_ms": draft_s * per, "verify_ms": verify_s * per,

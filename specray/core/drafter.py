@@ -164,9 +164,9 @@ class Drafter:
         for child, token in zip(children, drawn):
             spec.tokens[child] = token
 
-    def prepare(self, work: Work, specs=None) -> None:
+    def prepare(self, work: Work) -> None:
         """SSD: while the target verifies, draft the next round for each likely outcome (k, b) of the
-        sequences `propose(work)` just sent (`specs`, unused here, orders this call after it)."""
+        sequences `propose(work)` just sent."""
         seqs = [s for s in map(self.seqs.get, work.rids)
                 if s.spec.mode == "async" and s.slot is not None and s.last.tree.num_nodes]
         if not seqs:

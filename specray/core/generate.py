@@ -16,6 +16,19 @@ from specray.core.step import Admission, Work, direct, run_step
 from specray.core.target import TargetStage
 
 
+class _SequentialDraft:
+    """The draft side of a step in one thread: SSD's preparation right after the proposal (the
+    draft worker runs it beside the verification instead; the draws are the same)."""
+
+    def __init__(self, drafter: Drafter):
+        self.drafter = drafter
+
+    def propose(self, work: Work) -> list:
+        specs = self.drafter.propose(work)
+        self.drafter.prepare(work)
+        return specs
+
+
 @dataclass
 class Completion:
     token_ids: list[int]
@@ -41,9 +54,9 @@ def generate(target: list[Shard], draft: Shard | None, prompts: list[list[int]],
             raise ValueError("prompt must not be empty")
         seqs[str(i)] = Sequence(str(i), list(prompt), max_tokens, frozenset(eos_ids))
         admit.append(Admission(str(i), tuple(prompt), p, s))
-    work = Work(add=tuple(admit), rids=tuple(seqs))
+    work, draft_side = Work(add=tuple(admit), rids=tuple(seqs)), _SequentialDraft(drafter)
     while work.rids:
-        results, _ = run_step(direct, drafter, stages, work)
+        results = run_step(direct, draft_side, stages, work)
         for rid, result in results.items():
             seqs[rid].stats.record(result.depth, result.outcome, result.stats)
             seqs[rid].extend(list(result.tokens))

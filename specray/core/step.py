@@ -4,10 +4,10 @@ A step is everything the draft and the target stages do between two looks by the
 worker first applies the step's `Work` -- commit the previous round's outcomes, forget removed
 sequences, admit (prefill) new ones -- then takes its part in one verification round:
 
-    specs    = draft.propose(work)                          # apply, then one speculation per sequence
-    prepared = draft.prepare(work, specs)                   # SSD: draft the next round meanwhile
-    up       = stage_i.forward(work, specs, up)             # every stage but the last: hidden states on
-    results  = last.verify(work, specs, up)                 # forward, then accept or reject
+    specs   = draft.propose(work)                 # apply, then one speculation per sequence; SSD
+                                                  # drafts the next round meanwhile (draft worker)
+    up      = stage_i.forward(work, specs, up)    # every stage but the last: hidden states on
+    results = last.verify(work, specs, up)        # forward, then accept or reject
 
 The last round's outcomes ride along in the next step's `Work` (the deferred commit): the engine
 learns them from `results` anyway, so committing costs no extra message, and each worker commits
@@ -68,12 +68,10 @@ def direct(worker, method: str, *args):
 
 
 def run_step(call: Call, draft, stages: list, work):
-    """One step over the draft and the target stages (in layer order). Returns (results, prepared):
-    {rid: RoundResult} from the last stage, and the draft's SSD preparation (None; a transport may
-    wait for it)."""
+    """One step over the draft and the target stages (in layer order): {rid: RoundResult} from the
+    last stage."""
     specs = call(draft, "propose", work)
-    prepared = call(draft, "prepare", work, specs)
     up = None
     for stage in stages[:-1]:
         up = call(stage, "forward", work, specs, up)
-    return call(stages[-1], "verify", work, specs, up), prepared
+    return call(stages[-1], "verify", work, specs, up)

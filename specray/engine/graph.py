@@ -41,11 +41,9 @@ class CompiledStep:
         return node.with_tensor_transport("nccl") if self.gpu_stages and method == "forward" else node
 
     def build(self):
-        """The step as an uncompiled graph: its one output is the last stage's results, joined with
-        the draft's SSD preparation (a compiled graph may not leave a node's output unread)."""
+        """The step as an uncompiled graph; its one output is the last stage's results."""
         with InputNode() as work:
-            results, prepared = run_step(self._bind, self.draft, self.stages, work)
-        return self.stages[-1].join.bind(results, prepared)
+            return run_step(self._bind, self.draft, self.stages, work)
 
     def submit(self, work: Work):
         """A concurrent.futures.Future of one step's {rid: RoundResult}."""

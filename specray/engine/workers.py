@@ -119,7 +119,7 @@ class LocalWorkers(Workers):
         self.stages = [TargetStageWorker(**_stage_kwargs(config, span, threads)) for span in layers]
 
     async def _step(self, work: Work) -> dict[str, RoundResult]:
-        return run_step(direct, self.draft, self.stages, work)[0]
+        return run_step(direct, self.draft, self.stages, work)
 
     async def timings(self) -> dict[str, float]:
         return {"draft_s": self.draft.busy_seconds(), "verify_s": sum(s.busy_seconds() for s in self.stages)}
@@ -163,10 +163,7 @@ class RayWorkers(Workers):
         if self.graph is not None:
             # shielded: a cancelled caller must not cancel a step the waiter has not started yet
             return await asyncio.shield(asyncio.wrap_future(self.graph.submit(work)))
-        results, prepared = run_step(_remote, self.draft, self.stages, work)
-        out = await results
-        await prepared
-        return out
+        return await run_step(_remote, self.draft, self.stages, work)
 
     async def timings(self) -> dict[str, float]:
         draft, *stages = await asyncio.gather(*(a.busy_seconds.remote() for a in (self.draft, *self.stages)))
