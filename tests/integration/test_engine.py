@@ -393,3 +393,17 @@ def test_timings_split_draft_and_verification(ray_engines, local_engine, prompts
     after = run(engine.timings())
     assert after["rounds"] > before["rounds"]
     assert after["draft_s"] > before["draft_s"] and after["verify_s"] > before["verify_s"]
+
+
+def test_gpu_stages_send_hidden_states_over_nccl(ray_engines):
+    """The graph transport types the stage-to-stage edges for NCCL when stages hold GPUs (built, not
+    compiled: this machine has no GPU); the draft's speculations stay on shared memory."""
+    from specray.engine.graph import CompiledStep
+    workers = ray_engines[3].workers
+    verify = CompiledStep(workers.draft, workers.stages, gpu_stages=True).build()
+    hints, node = [], verify
+    while (up := node.get_args()[2]) is not None:  # verify / forward(work, specs, up)
+        hints.append(up.type_hint.transport)
+        node = up
+    assert hints == ["accelerator", "accelerator"]
+    assert not hasattr(verify.get_args()[1].type_hint, "transport")  # the draft's output: plain channel

@@ -2,6 +2,8 @@
 
 - specray/core: pure torch; no Ray, Serve, gRPC or protobuf, and nothing from actors/engine/deployments.
 - specray/actors: Ray, but no Serve, gRPC or protobuf.
+- specray/engine/engine.py (the scheduler): no Ray and no actors; the transports (engine/workers.py,
+  engine/graph.py, engine/placement.py) hold what it needs of them.
 - Only specray/deployments imports ray.serve or generated `*_pb2` / `*_pb2_grpc` modules (the
   generated modules themselves, wherever they live, are exempt); besides them, the gRPC client
   specray/client.py imports the generated modules, and neither Ray nor the engine. Tests are not checked.
@@ -73,6 +75,11 @@ def test_core_imports_no_ray_rpc_or_upper_layers():
 
 def test_actors_import_no_serve_or_rpc():
     assert not violations(sources("actors"), lambda n: is_under(n, ACTORS_FORBIDDEN) or is_generated(n))
+
+
+def test_the_engine_imports_no_ray_or_actors():
+    engine = [p for p in sources("engine") if module_name(p) == "specray.engine.engine"]
+    assert engine and not violations(engine, lambda n: is_under(n, ("ray", "specray.actors")))
 
 
 def test_only_deployments_import_serve_or_generated_protobuf():
