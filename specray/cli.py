@@ -133,7 +133,7 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
         mode_spec(mode)  # raises on an unknown mode
     config = engine_config(args, max_context=args.max_tokens + 512)
     rows = asyncio.run(bench(config, modes, list(args.batch), args.engines.split(","), args.requests,
-                             args.max_tokens, args.temperature))
+                             args.max_tokens, args.temperature, args.repeat))
     print(markdown(rows))
     dump(rows, args.json_out)
     return 0
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--requests", type=int, default=16, help="requests per setting (code prompts)")
     e.add_argument("--max-tokens", type=int, default=64)
     e.add_argument("--temperature", type=float, default=0.0)
+    e.add_argument("--repeat", type=int, default=1,
+                   help="run the whole sweep N times in turn and report each row's median")
     e.add_argument("--json-out", default=None, help="also write the rows as JSON here")
     e.set_defaults(func=cmd_bench_engine)
     return parser

@@ -8,6 +8,7 @@ ratios compare like with like on a noisy machine."""
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import replace
 
 from specray.bench.engine_runner import drive, engine_requests
@@ -42,20 +43,33 @@ def engine_setting(config: EngineConfig, name: str) -> EngineConfig:
 
 
 async def bench(config: EngineConfig, modes: list[str], batches: list[int], engines: list[str], requests: int,
-                max_tokens: int, temperature: float, progress=print) -> list[dict]:
-    rows = []
+                max_tokens: int, temperature: float, repeat: int = 1, progress=print) -> list[dict]:
+    """Every (engine, batch, mode) row; with repeat > 1 the whole sweep runs `repeat` times in turn
+    (so a slow spell of a shared machine hits every engine alike) and each row is the median."""
+    runs: dict[tuple, list[dict]] = {}
     settings = [engine_setting(config, name) for name in engines]
-    for setting in settings:
-        for batch in batches:
-            engine = build_engine(replace(setting, max_batch=batch))
-            try:
-                await _run(engine, "chain", batch, batch, 8, temperature)  # warm-up
-                for mode in modes:
-                    rows.append(await _run(engine, mode, batch, requests, max_tokens, temperature))
-                    progress(format_row(rows[-1]))
-            finally:
-                await engine.shutdown()
-    return rows
+    for _ in range(repeat):
+        for setting in settings:
+            for batch in batches:
+                engine = build_engine(replace(setting, max_batch=batch))
+                try:
+                    await _run(engine, "chain", batch, batch, 8, temperature)  # warm-up
+                    for mode in modes:
+                        row = await _run(engine, mode, batch, requests, max_tokens, temperature)
+                        runs.setdefault((row["engine"], batch, mode), []).append(row)
+                        progress(format_row(row))
+                finally:
+                    await engine.shutdown()
+    return [_median(rows) for rows in runs.values()]
+
+
+def _median(rows: list[dict]) -> dict:
+    """Column-wise median of one setting's repeated rows (numbers), with how many runs it has."""
+    out = dict(rows[0], runs=len(rows))
+    for key, value in rows[0].items():
+        if isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in rows)
+    return out
 
 
 COLUMNS = [("engine", "{}"), ("mode", "{}"), ("batch", "{}"), ("output_tokens_per_s", "{:.1f}"),

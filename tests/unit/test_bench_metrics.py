@@ -175,3 +175,17 @@ def test_bench_modes_take_a_draft_length_and_reject_the_rest():
         BenchConfig.build(modes=())
     rows = [_row("local", "async:2", "code", 10.0, round_ms=20.0, verify_ms=8.0)]
     assert any("SSD round through local = 20.00 ms = 2.50x" in line for line in goals(rows, "greedy"))
+
+
+def test_engine_settings_and_repeated_rows():
+    from specray.bench.engine_bench import _median, engine_name, engine_setting
+    from specray.engine import EngineConfig
+    base = EngineConfig("t", "d")
+    assert [engine_name(engine_setting(base, n)) for n in ("local", "ray", "ray:calls")] == \
+        ["local", "ray:graph", "ray:calls"]
+    for bad in ("gpu", "local:graph", "ray:nccl"):
+        with pytest.raises(ValueError, match="unknown engine"):
+            engine_setting(base, bad)
+    rows = [{"engine": "local", "output_tokens_per_s": v, "cache_hit_rate": None, "batch": 1} for v in (3.0, 1.0, 2.0)]
+    assert _median(rows) == {"engine": "local", "output_tokens_per_s": 2.0, "cache_hit_rate": None, "batch": 1,
+                             "runs": 3}
