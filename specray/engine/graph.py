@@ -11,8 +11,9 @@ Two facts of Ray 2.60's compiled graphs shape this module:
   hundred ms) and torn down at shutdown. (Tearing it down when idle and compiling it again at the
   next step hung the compile once in the serving tests: the actors' old loops and the new
   compile raced, so it is not done.)
-- the driver's own wait would poll too: ours runs on one waiter thread that checks the output
-  channel and sleeps `POLL_S` between checks, so a waiting engine leaves its cores to the actors.
+- the driver's own wait would poll too: ours runs on one waiter thread that first sleeps through
+  half of what recent rounds took, then checks the output channel and sleeps `POLL_S` between
+  checks, so a waiting engine leaves its cores to the actors (a 2-core machine has no third one).
 An actor that dies closes the graph's channels; that is raised as `RayActorError`, like the
 `calls` transport's failures, so the serving layer restarts the actors."""
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ray.exceptions import RayActorError, RayChannelError, RayChannelTimeoutErro
 
 from specray.core.step import RoundResult, Work, run_step
 
-POLL_S = 1e-4         # the waiter's sleep between checks of the output channel
+POLL_S = 1e-4  # the waiter's sleep between checks of the output channel
 
 
 class CompiledStep:
@@ -35,6 +36,7 @@ class CompiledStep:
         self.draft, self.stages, self.gpu_stages = draft, stages, gpu_stages
         self._graph = None
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="specray-graph")  # compiles, executes, waits
+        self._typical_s = 0.0  # a moving average of recent rounds' wall time
 
     def _bind(self, actor, method: str, *args):
         node = getattr(actor, method).bind(*args)
@@ -52,17 +54,23 @@ class CompiledStep:
     def _execute(self, work: Work) -> dict[str, RoundResult]:
         if self._graph is None:
             self._graph = self.build().experimental_compile()
+        plain_round = bool(work.rids) and not work.add  # admissions' prefills take longer, flushes less
         try:
+            start = time.perf_counter()
             ref = self._graph.execute(work)
-            self._wait(ref)
+            self._wait(ref, self._typical_s / 2 if plain_round else 0.0)
+            if plain_round:
+                self._typical_s += 0.2 * (time.perf_counter() - start - self._typical_s)
             return ray.get(ref)
         except RayChannelError as e:
             self._graph = None  # Ray tears a graph down when one of its actors dies
             raise RayActorError(error_msg=f"a worker actor died (the compiled graph's channel closed: {e})") from e
 
-    def _wait(self, ref) -> None:
-        """Until the step's output is in: non-blocking checks (Ray 2.60's CompiledDAG._execute_until with
-        timeout 0; ray.get with a timeout would spin a core) with short sleeps between them."""
+    def _wait(self, ref, first_sleep_s: float) -> None:
+        """Until the step's output is in: one sleep, then non-blocking checks (Ray 2.60's
+        CompiledDAG._execute_until with timeout 0; ray.get with a timeout would spin a core) with
+        short sleeps between them."""
+        time.sleep(first_sleep_s)
         while True:
             try:
                 self._graph._execute_until(ref._execution_index, None, 0)
