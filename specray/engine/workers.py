@@ -2,8 +2,8 @@
 
 The contract the engine uses: `add(reqs)` admits and prefills, `round(rids)` runs one verification
 round and returns {rid: RoundResult}, `remove(rids)` frees their slots, `flush()` applies pending
-removals and outcomes, `free_slots()`,
-`timings()` (the compute seconds of the draft worker and of the stages so far), `shutdown()`.
+removals and outcomes, `free_slots()`, `timings()` (the compute seconds of the draft worker and of
+the stages so far), `shutdown()`.
 
 Each `add` and `round` is one step (core.step.run_step, the one place the data flow is written):
 the last round's outcomes and the removals since the last step ride along in its `Work`, so a
