@@ -7,8 +7,8 @@ GPUs, the hidden states between them are typed for NCCL and stay on the device.
 
 Two facts of Ray 2.60's compiled graphs shape this module:
 - an actor in a compiled graph polls its input channel while idle (about a core each) for as long
-  as the graph lives, which is the engine's life: the graph is compiled at the first step (a few
-  hundred ms) and torn down at shutdown. (Tearing it down when idle and compiling it again at the
+  as the graph lives, which is the engine's life: the graph is compiled when the engine starts (a
+  few hundred ms, on the waiter thread) and torn down at shutdown. (Tearing it down when idle and compiling it again at the
   next step hung the compile once in the serving tests: the actors' old loops and the new
   compile raced, so it is not done.)
 - the driver's own wait would poll too: ours runs on one waiter thread that first sleeps through
@@ -38,6 +38,11 @@ class CompiledStep:
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="specray-graph")  # compiles, executes, waits
         self._typical_s = 0.0  # a moving average of recent rounds' wall time
 
+    def start(self) -> None:
+        """Compile now, on the waiter thread, so that the first request does not wait for it (a
+        failure shows again at the first step)."""
+        self._waiter.submit(self._compile)
+
     def _bind(self, actor, method: str, *args):
         node = getattr(actor, method).bind(*args)
         return node.with_tensor_transport("nccl") if self.gpu_stages and method == "forward" else node
@@ -51,9 +56,12 @@ class CompiledStep:
         """A concurrent.futures.Future of one step's {rid: RoundResult}."""
         return self._waiter.submit(self._execute, work)
 
-    def _execute(self, work: Work) -> dict[str, RoundResult]:
+    def _compile(self) -> None:
         if self._graph is None:
             self._graph = self.build().experimental_compile()
+
+    def _execute(self, work: Work) -> dict[str, RoundResult]:
+        self._compile()
         plain_round = bool(work.rids) and not work.add  # admissions' prefills take longer, flushes less
         try:
             start = time.perf_counter()

@@ -10,7 +10,7 @@ the last round's outcomes and the removals since the last step ride along in its
 round is one message per worker. Three transports follow it:
 - `local`: the worker objects in this process (the algorithm's own cost);
 - `calls`: Ray actors, one actor call per worker and step, values passed as object refs;
-- `graph`: Ray actors in a compiled graph (ray.dag), compiled once at the first step; the work
+- `graph`: Ray actors in a compiled graph (ray.dag), compiled once when the workers start; the work
   goes in and the results come out through shared-memory channels, with no per-call scheduling.
   Actors in a compiled graph poll their input channel while idle (about a core each)."""
 from __future__ import annotations
@@ -142,6 +142,8 @@ class RayWorkers(Workers):
         super().__init__(num_slots)
         self.draft, self.stages, self.transport = draft, stages, transport
         self.graph = CompiledStep(draft, stages, gpu_stages) if transport == "graph" else None
+        if self.graph is not None:
+            self.graph.start()
 
     @classmethod
     def create(cls, config: EngineConfig, layers: list[tuple[int, int]], placement_group=None,
