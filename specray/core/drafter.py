@@ -41,12 +41,6 @@ class DraftSeq:
     accepted: int = 0
     drafted: int = 0
 
-    @property
-    def fan_out(self) -> tuple[int, ...]:
-        k = self.spec.num_speculative_tokens
-        return self.spec.fan_out or geometric_fan_out(k, (self.accepted + 1) / (self.drafted + 2),
-                                                      self.spec.branch_budget)
-
 
 class Drafter:
     def __init__(self, shard: Shard, num_slots: int, max_len: int, top_n: int = 8, prefill_chunk: int = 512,
@@ -84,10 +78,20 @@ class Drafter:
         return ids[:, 0].cpu(), probs[:, 0].cpu()
 
     def _new_speculation(self, rid: str, seq: DraftSeq, root: int, tree: Tree) -> Speculation:
-        """An empty speculation to draft into: node tokens and laws are filled by _draw."""
+        """An empty speculation to draft into: node tokens and laws are filled by _draw; an async one
+        gets this round's fan-out."""
+        fan_out = self._fan_out(seq) if seq.spec.mode == "async" and tree.num_nodes else ()
         return Speculation(rid, root, tree, [0] * tree.num_nodes,
                            torch.zeros(1 + tree.num_nodes, self.top_n, dtype=torch.long),
-                           torch.zeros(1 + tree.num_nodes, self.top_n), seq.spec.with_replacement)
+                           torch.zeros(1 + tree.num_nodes, self.top_n), seq.spec.with_replacement, fan_out=fan_out)
+
+    def _fan_out(self, seq: DraftSeq) -> tuple[int, ...]:
+        """SSD guesses per outcome position: the request's (capped at the candidates a position has:
+        top_n - 1, top_n for the bonus), or geometric in its live acceptance rate."""
+        k = seq.spec.num_speculative_tokens
+        if seq.spec.fan_out:
+            return tuple(min(f, self.top_n - (pos < k)) for pos, f in enumerate(seq.spec.fan_out))
+        return geometric_fan_out(k, (seq.accepted + 1) / (seq.drafted + 2), seq.spec.branch_budget, self.top_n)
 
     def apply(self, work: Work) -> None:
         """A step's bookkeeping (core.step): commit the last outcomes, forget removed sequences, admit."""
@@ -131,7 +135,7 @@ class Drafter:
             picks = torch.cat([hidden[i, torch.tensor(idx)] for i, idx in enumerate(parents)])
             owners = [s for s, idx in zip(level, parents) for _ in idx]
             ids, probs = self._laws(picks, [s.params for s in owners])
-            probs = saguaro(probs, [self._fan(s, depth) for s in owners], [s.spec.saguaro_c for s in owners])
+            probs = saguaro(probs, [self._fan(s.last, depth) for s in owners], [s.spec.saguaro_c for s in owners])
             r = 0
             for s in level:
                 for node in (-1,) if depth == 0 else s.last.tree.levels[depth - 1]:
@@ -139,9 +143,9 @@ class Drafter:
                     r += 1
 
     @staticmethod
-    def _fan(seq: DraftSeq, position: int) -> int:
-        """SSD guesses at this draft position (what Saguaro down-weights); 0 outside async mode."""
-        return seq.fan_out[position] if seq.spec.mode == "async" else 0
+    def _fan(spec: Speculation, position: int) -> int:
+        """SSD guesses at this draft position of `spec` (what Saguaro down-weights); 0 outside async mode."""
+        return spec.fan_out[position] if spec.fan_out else 0
 
     def _level_rows(self, seq: DraftSeq, depth: int) -> tuple[Rows, list[int]]:
         """Rows fed at this depth and, per parent node, the row index holding its hidden state."""
@@ -183,8 +187,9 @@ class Drafter:
             m = [s.cache.width for s in level]
             picks = torch.cat([hidden[i, :w] for i, w in enumerate(m)])
             owners = [s for s, w in zip(level, m) for _ in range(w)]
+            fans = [self._fan(branch, j) for s in level for branch in s.cache.branches]
             ids, probs = self._laws(picks, [s.params for s in owners])
-            probs = saguaro(probs, [self._fan(s, j) for s in owners], [s.spec.saguaro_c for s in owners])
+            probs = saguaro(probs, fans, [s.spec.saguaro_c for s in owners])
             r = 0
             for s in level:
                 for branch in s.cache.branches:
@@ -201,7 +206,7 @@ class Drafter:
         """Top-F_k outcomes per position k, excluding the drafted token (it can never be the correction)."""
         last, k = seq.last, seq.last.tree.num_nodes
         keys, branches = {}, []
-        for pos, fan in enumerate(seq.fan_out):
+        for pos, fan in enumerate(last.fan_out):  # the fan-out its own laws were weighted for
             candidates = last.q_ids[pos].tolist() if pos < k else bonus_ids.tolist()
             drafted = last.tokens[pos] if pos < k else None
             for token in [t for t in candidates if t != drafted][:fan]:

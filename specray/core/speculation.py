@@ -96,3 +96,5 @@ class Speculation:
     q_probs: torch.Tensor         # [1+N, top_n] fp32: their probabilities (rows of leaves unused)
     with_replacement: bool = False
     stats: dict = field(default_factory=dict)  # draft-side bookkeeping (e.g. cache hit), travels along
+    fan_out: tuple[int, ...] = ()  # SSD: guesses per outcome position, fixed when drafted: what its laws'
+    #                                Saguaro weights and the guesses made while it is verified both use

@@ -20,13 +20,17 @@ import torch
 from specray.core.speculation import Speculation
 
 
-def geometric_fan_out(k: int, acceptance: float, budget: int) -> tuple[int, ...]:
-    """F_0..F_K over `budget` branches, proportional to P(exactly k accepted) under i.i.d. acceptance."""
+def geometric_fan_out(k: int, acceptance: float, budget: int, width: int) -> tuple[int, ...]:
+    """F_0..F_K over `budget` branches, in proportion to P(exactly k accepted) under i.i.d. acceptance,
+    never more guesses at a position than candidates exist there: width - 1 at k < K (the drafted
+    token cannot be the correction), width at K (the bonus). Branches a capped position cannot take
+    go to the others (Sainte-Laguë: each branch to the position with the most weight / (2 F + 1))."""
     a = min(max(acceptance, 0.05), 0.95)
     weights = [a ** j * (1 - a) for j in range(k)] + [a ** k]
-    raw = [budget * w for w in weights]
-    fan = [int(r) for r in raw]
-    for j in sorted(range(k + 1), key=lambda j: raw[j] - fan[j], reverse=True)[: budget - sum(fan)]:
+    caps = [width - 1] * k + [width]
+    fan = [0] * (k + 1)
+    for _ in range(min(budget, sum(caps))):
+        j = max((j for j in range(k + 1) if fan[j] < caps[j]), key=lambda j: weights[j] / (2 * fan[j] + 1))
         fan[j] += 1
     return tuple(fan)
 
