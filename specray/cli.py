@@ -24,6 +24,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-target-stages", type=int, default=1, help="split the target's layers over N stages")
+    p.add_argument("--top-n", type=int, default=None,
+                   help="width of the draft's law shipped per tree node (default: the engine's)")
     p.add_argument("--transport", choices=["graph", "calls"], default=None,
                    help="Ray actors: a step as a compiled graph or as actor calls (default: the engine's; "
                         "README: Choosing a transport)")
@@ -70,15 +72,16 @@ def speculation_config(args: argparse.Namespace):
     return SpeculationConfig(**speculation_settings(args))
 
 
-def transport_setting(args: argparse.Namespace) -> dict:
-    """{"transport": T} when --transport was given, else {} (the engine's default)."""
-    return {"transport": args.transport} if args.transport else {}
+def engine_settings(args: argparse.Namespace) -> dict:
+    """The engine settings --transport and --top-n give ({} for each left unset: the engine's default)."""
+    given = {"transport": args.transport, "top_n": args.top_n}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def engine_config(args: argparse.Namespace, **overrides):
     from specray.engine import EngineConfig
     return EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, device=args.device,
-                        num_target_stages=args.num_target_stages, **transport_setting(args), **overrides)
+                        num_target_stages=args.num_target_stages, **engine_settings(args), **overrides)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

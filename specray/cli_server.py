@@ -29,14 +29,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def app_config(args: argparse.Namespace):
-    from specray.cli import speculation_settings, transport_setting
+    from specray.cli import engine_settings, speculation_settings
     from specray.deployments import AppConfig
     spec = speculation_settings(args)
     if spec["mode"] == "tree" and not spec["branching"]:
         del spec["branching"], spec["num_speculative_tokens"]  # the app's tree_branching
     return AppConfig(
         target=args.target, draft=args.draft, dtype=args.dtype, device=args.device,
-        num_target_stages=args.num_target_stages, **transport_setting(args), max_batch=args.max_batch, max_context=args.max_context,
+        num_target_stages=args.num_target_stages, **engine_settings(args), max_batch=args.max_batch, max_context=args.max_context,
         speculation=spec, max_tokens_limit=args.max_tokens_limit, max_waiting=args.max_waiting,
         replica_cpus=args.replica_cpus, draft_cpus=args.draft_cpus, draft_gpus=args.draft_gpus,
         stage_cpus=args.stage_cpus, stage_gpus=args.stage_gpus, min_replicas=args.min_replicas,

@@ -13,7 +13,7 @@ import threading
 import time
 
 from specray.actors import Busy, node_id, set_threads, worker_device
-from specray.actors.wire import SpecWire, specs_to_wire
+from specray.actors.wire import SpecWire, specs_nbytes, specs_to_wire
 from specray.core.drafter import Drafter
 from specray.core.loader import load_shard
 from specray.core.step import Work
@@ -28,14 +28,16 @@ class DraftWorker:
         shard = load_shard(path, 0, 1 if stand_in else None, dtype, worker_device(device))
         self.drafter = Drafter(shard, num_slots, max_len, top_n, auto_backup_batch=auto_backup_batch)
         self.busy = Busy()  # in propose and in the preparation thread
+        self.sent_bytes = 0  # speculations sent
         self._preparing: threading.Thread | None = None
         self._failed: BaseException | None = None  # the last preparation's error, raised by the next propose
 
     def node_id(self) -> str | None:
         return node_id()
 
-    def busy_seconds(self) -> float:
-        return self.busy.seconds
+    def counters(self) -> dict:
+        """Compute seconds so far and bytes sent to the stages (for the bench's round split)."""
+        return {"busy_s": self.busy.seconds, "sent_bytes": self.sent_bytes}
 
     def num_free(self) -> int:
         """Free KV slots (`off` sequences hold none)."""
@@ -47,6 +49,7 @@ class DraftWorker:
         self._wait_prepared()
         with self.busy:
             specs = specs_to_wire(self.drafter.propose(work))
+        self.sent_bytes += specs_nbytes(specs)
         if any(self.drafter.seqs[rid].spec.mode == "async" for rid in work.rids):
             self._preparing = threading.Thread(target=self._prepare, args=(work,), daemon=True)
             self._preparing.start()

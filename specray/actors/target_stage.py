@@ -7,7 +7,7 @@ Knows nothing of Serve or gRPC."""
 from __future__ import annotations
 
 from specray.actors import Busy, node_id, set_threads, worker_device
-from specray.actors.wire import SpecWire, UpWire, specs_from_wire, up_from_wire, up_to_wire
+from specray.actors.wire import SpecWire, UpWire, specs_from_wire, up_from_wire, up_nbytes, up_to_wire
 from specray.core.loader import load_shard
 from specray.core.step import RoundResult, Work
 from specray.core.target import TargetStage
@@ -22,12 +22,14 @@ class TargetStageWorker:
         self.device, self.device_hidden = worker_device(device), device_hidden
         self.stage = TargetStage(load_shard(path, start, stop, dtype, self.device), num_slots, max_len)
         self.busy = Busy()  # in forward and verify
+        self.sent_bytes = 0  # hidden states sent to the next stage
 
     def node_id(self) -> str | None:
         return node_id()
 
-    def busy_seconds(self) -> float:
-        return self.busy.seconds
+    def counters(self) -> dict:
+        """Compute seconds so far and bytes of hidden states sent to the next stage."""
+        return {"busy_s": self.busy.seconds, "sent_bytes": self.sent_bytes}
 
     def num_free(self) -> int:
         """Free KV slots (a draft's `off` sequences hold none)."""
@@ -37,7 +39,9 @@ class TargetStageWorker:
         """A stage before the last: apply the work, verification forward. up: the previous stage's output."""
         with self.busy:
             up = self.stage.forward(work, specs_from_wire(specs), up_from_wire(up, self.device))
-            return up if self.device_hidden else up_to_wire(up)
+            up = up if self.device_hidden else up_to_wire(up)
+        self.sent_bytes += up_nbytes(up)
+        return up
 
     def verify(self, work: Work, specs: list[SpecWire], up: UpWire = None) -> dict[str, RoundResult]:
         """The last stage: apply the work, forward, verify. Returns {rid: RoundResult}."""

@@ -63,3 +63,19 @@ def specs_from_wire(wire: list[SpecWire]) -> list[Speculation]:
     return [Speculation(rid, root, _tree(tuple(parents)), list(tokens), torch.from_numpy(q_ids.copy()),
                         torch.from_numpy(q_probs.copy()), with_replacement, dict(stats))
             for rid, root, parents, tokens, q_ids, q_probs, with_replacement, stats in wire]
+
+
+def specs_nbytes(wire: list[SpecWire]) -> int:
+    """About what a batch of speculations weighs on the wire: its arrays, 8 bytes per token and parent."""
+    return sum(q_ids.nbytes + q_probs.nbytes + 8 * (len(tokens) + len(parents))
+               for _, _, parents, tokens, q_ids, q_probs, _, _ in wire)
+
+
+def up_nbytes(up: UpWire | Upstream) -> int:
+    """The hidden states' bytes in a stage's output (host arrays or device tensors)."""
+    if up is None:
+        return 0
+    prefilled, hidden = up
+    sizes = [h[0].nbytes if isinstance(h, tuple) else h.numel() * h.element_size()
+             for h in (*prefilled.values(), hidden) if h is not None]
+    return sum(sizes)

@@ -74,7 +74,8 @@ def _median(rows: list[dict]) -> dict:
 
 COLUMNS = [("engine", "{}"), ("mode", "{}"), ("batch", "{}"), ("output_tokens_per_s", "{:.1f}"),
            ("acceptance_rate", "{:.3f}"), ("mean_acceptance_length", "{:.2f}"), ("cache_hit_rate", "{:.3f}"),
-           ("round_ms", "{:.2f}"), ("draft_ms", "{:.2f}"), ("verify_ms", "{:.2f}"), ("other_ms", "{:.2f}")]
+           ("round_ms", "{:.2f}"), ("draft_ms", "{:.2f}"), ("verify_ms", "{:.2f}"), ("other_ms", "{:.2f}"),
+           ("wire_kb", "{:.1f}")]
 
 
 def format_row(row: dict) -> str:

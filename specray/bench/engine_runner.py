@@ -3,7 +3,8 @@ and `specray bench engine`.
 
 `drive` sends requests with at most `concurrency` in flight and records each request's streamed
 deltas with their arrival times, the merged speculation statistics, and the per-round time split
-from `Engine.timings()` (the workers' busy seconds) over the run."""
+from `Engine.timings()` (the workers' busy seconds) over the run, with the KiB of speculations and
+hidden states the workers sent each other per round."""
 from __future__ import annotations
 
 import asyncio
@@ -67,5 +68,6 @@ async def drive(engine: Engine, requests: list[EngineRequest], concurrency: int,
     after = await engine.timings()
     spent = {k: after[k] - before[k] for k in after}
     overlapped = all(r.spec.mode == "async" for r in requests)
-    return Measurement(traces, wall, stats,
-                       round_split(wall, spent["rounds"], spent["draft_s"], spent["verify_s"], overlapped))
+    split = round_split(wall, spent["rounds"], spent["draft_s"], spent["verify_s"], overlapped)
+    split["wire_kb"] = spent["wire_bytes"] / max(spent["rounds"], 1) / 1024  # sent between workers, per round
+    return Measurement(traces, wall, stats, split)

@@ -79,8 +79,9 @@ class Engine:
                 "waiting": self.waiting}
 
     async def timings(self) -> dict:
-        """Rounds run and the cumulative compute seconds of the draft worker (draft_s) and of all target
-        stages (verify_s); the rest of a round's wall time is waiting, transport and scheduling."""
+        """Rounds run, the cumulative compute seconds of the draft worker (draft_s) and of all target
+        stages (verify_s), and the bytes of speculations and hidden states sent between the workers
+        (wire_bytes); the rest of a round's wall time is waiting, transport and scheduling."""
         return {"rounds": self.num_rounds, **await self.workers.timings()}
 
     # ---- requests in, deltas out -------------------------------------------------------------

@@ -3,7 +3,7 @@
 The contract the engine uses: `add(reqs)` admits and prefills, `round(rids)` runs one verification
 round and returns {rid: RoundResult}, `remove(rids)` frees their slots, `flush()` applies pending
 removals and outcomes, `free_slots()`, `timings()` (the compute seconds of the draft worker and of
-the stages so far), `shutdown()`.
+the stages so far, and the bytes they sent each other), `shutdown()`.
 
 Each `add` and `round` is one step (core.step.run_step, the one place the data flow is written):
 the last round's outcomes and the removals since the last step ride along in its `Work`, so a
@@ -87,6 +87,12 @@ class Workers:
     async def _step(self, work: Work) -> dict[str, RoundResult]:
         raise NotImplementedError
 
+    @staticmethod
+    def _timings(draft: dict, stages: list[dict]) -> dict[str, float]:
+        """The workers' counters as the engine reports them."""
+        return {"draft_s": draft["busy_s"], "verify_s": sum(s["busy_s"] for s in stages),
+                "wire_bytes": draft["sent_bytes"] + sum(s["sent_bytes"] for s in stages)}
+
     def shutdown(self) -> None:
         pass
 
@@ -122,7 +128,7 @@ class LocalWorkers(Workers):
         return run_step(direct, self.draft, self.stages, work)
 
     async def timings(self) -> dict[str, float]:
-        return {"draft_s": self.draft.busy_seconds(), "verify_s": sum(s.busy_seconds() for s in self.stages)}
+        return self._timings(self.draft.counters(), [s.counters() for s in self.stages])
 
 
 def _remote(actor, method: str, *args):
@@ -168,8 +174,8 @@ class RayWorkers(Workers):
         return await run_step(_remote, self.draft, self.stages, work)
 
     async def timings(self) -> dict[str, float]:
-        draft, *stages = await asyncio.gather(*(a.busy_seconds.remote() for a in (self.draft, *self.stages)))
-        return {"draft_s": draft, "verify_s": sum(stages)}
+        draft, *stages = await asyncio.gather(*(a.counters.remote() for a in (self.draft, *self.stages)))
+        return self._timings(draft, stages)
 
     def shutdown(self) -> None:
         if self.graph is not None:
