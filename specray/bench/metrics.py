@@ -3,7 +3,7 @@
 A `Trace` is one request as its client saw it: when it was sent, and for every streamed chunk that
 carried tokens, when it arrived and which token ids it carried. With speculation one chunk carries
 a round's committed block (τ tokens on average); target-only decoding streams one token per chunk.
-Definitions follow vLLM's benchmark_serving and ALGORITHMS.md §5 (times in ms):
+Definitions follow vLLM's benchmark_serving (times in ms):
 
 - TTFT: first chunk's arrival - send time.
 - E2E latency: last chunk's arrival - send time.

@@ -5,8 +5,8 @@ top-k-renormalised distribution (the Hugging Face / vLLM order), renormalised. G
 (temperature 0) is a one-hot on the argmax. Ties in logits rank the lower token id first, in
 both the target's and the draft's law.
 
-The draft ships its law compactly (ALGORITHMS.md §1, "Shipping q"): its N highest-logit ids and
-their processed probabilities renormalised over those N. Candidates drawn from that law are exact
+The draft ships its law compactly, as N (id, probability) pairs instead of a V-wide row: its N
+highest-logit ids and their processed probabilities renormalised over those N. Candidates drawn from that law are exact
 inputs for verification. Knows nothing of models, trees or how verification uses q.
 """
 from __future__ import annotations

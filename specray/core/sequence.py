@@ -1,7 +1,9 @@
 """A request's output bookkeeping: committed tokens, finishing rules, speculation statistics.
 
-Metric names follow ALGORITHMS.md §5. For a tree, the drafted tokens of a round are its draft
-positions (the tree depth), so the acceptance rate compares across chain and tree."""
+Metric names follow the serving world's (acceptance rate α = accepted / drafted, mean acceptance
+length τ = 1 + accepted / rounds, accepted per position, SSD cache hit rate). For a tree, the
+drafted tokens of a round are its draft positions (the tree depth), so the acceptance rate
+compares across chain and tree."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field

@@ -90,8 +90,12 @@ class TargetStage:
         if not specs:
             return {}
         outcomes = self._verify(specs, hidden)
-        return {s.rid: RoundResult(o, tuple(s.tokens[j] for j in o.accepted) + (o.token,), s.tree.depth,
-                                   dict(s.stats)) for s in specs for o in (outcomes[s.rid],)}
+        results = {}
+        for s in specs:
+            o = outcomes[s.rid]
+            results[s.rid] = RoundResult(o, tuple(s.tokens[j] for j in o.accepted) + (o.token,), s.tree.depth,
+                                         dict(s.stats))
+        return results
 
     def _forward(self, specs: list[Speculation], x: torch.Tensor | None = None) -> torch.Tensor:
         """x: hidden [B, n, H] from the previous stage (None on the first). Returns hidden [B, n, H]."""

@@ -1,4 +1,4 @@
-"""Exact verification of a draft's token tree (ALGORITHMS.md §1-2); a chain is branching (1,)*K.
+"""Exact verification of a draft's token tree; a chain is branching (1,)*K.
 
 Terminology (as in vLLM's rejection sampler):
 - accepted tokens: the draft tokens the target keeps, a path down from the root;
@@ -144,7 +144,7 @@ def verify_batch(trees: Sequence[Tree], tokens: Sequence[torch.Tensor] | torch.T
 
 def accepted_per_position(outcomes: Sequence[Outcome], depth: int) -> list[int]:
     """Accepted tokens counted by draft position: entry d-1 counts outcomes that accepted a token
-    at depth d (ALGORITHMS.md §5)."""
+    at depth d."""
     counts = [0] * depth
     for outcome in outcomes:
         if outcome.num_accepted > depth:

@@ -1,6 +1,6 @@
 """Serving metrics through `ray.util.metrics`, exported by Ray's Prometheus endpoint (prefix `ray_`).
 
-Names follow ALGORITHMS.md §5: drafted and accepted tokens, accepted per position, verification
+Names follow the serving world's (vLLM's spec-decode metrics): drafted and accepted tokens, accepted per position, verification
 steps, SSD cache lookups and hits, TTFT and TPOT histograms, running and waiting requests. Every
 series carries the speculation mode of the request it counts."""
 from __future__ import annotations

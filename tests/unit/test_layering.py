@@ -1,4 +1,4 @@
-"""The package's layering, enforced by parsing imports (DESIGN.md, "the folders are the architecture").
+"""The package's layering, enforced by parsing imports (the folders are the architecture).
 
 - specray/core: pure torch; no Ray, Serve, gRPC or protobuf, and nothing from actors/engine/deployments.
 - specray/actors: Ray, but no Serve, gRPC or protobuf.

@@ -1,4 +1,4 @@
-"""Exact verification (ALGORITHMS.md §1-2), checked by enumeration on a 6-token vocabulary.
+"""Exact verification of chains and trees, checked by enumeration on a 6-token vocabulary.
 
 One round: the draft draws a tree from its law at each node (draft_law, then the draw law of
 draw_children), the target verifies it (verify_tree). The enumerating rng below visits every draft
