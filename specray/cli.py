@@ -24,8 +24,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-target-stages", type=int, default=1, help="split the target's layers over N stages")
-    p.add_argument("--top-n", type=int, default=None,
-                   help="width of the draft's law shipped per tree node (default: the engine's)")
     p.add_argument("--transport", choices=["graph", "calls"], default=None,
                    help="Ray actors: a step as a compiled graph or as actor calls (default: the engine's; "
                         "README: Choosing a transport)")
@@ -73,8 +71,8 @@ def speculation_config(args: argparse.Namespace):
 
 
 def engine_settings(args: argparse.Namespace) -> dict:
-    """The engine settings --transport and --top-n give ({} for each left unset: the engine's default)."""
-    given = {"transport": args.transport, "top_n": args.top_n}
+    """The engine settings --transport gives ({} when unset: the engine's default)."""
+    given = {"transport": args.transport}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -169,7 +167,7 @@ def add_bench_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--temperature", type=float, help="0 (default) is greedy, checked against transformers")
     b.add_argument("--concurrency", type=_int_list, help="gRPC client concurrency (default: 1,4,16,64; quick: 1,4,16)")
     b.add_argument("--modes", type=_str_list, help="specray modes (default: off,chain,tree,async; chain:K and "
-                   "async:K set another draft length than 4)")
+                   "async:K set another draft length than 4, async:c=C a Saguaro weight)")
     b.add_argument("--systems", type=_str_list, help="hf,assisted,local,ray,grpc (default: all)")
     b.add_argument("--max-batch", type=int, help="the gRPC replica's batch (default: 8)")
     b.add_argument("--seed", type=int, help="request i is seeded seed + i (default: 0)")

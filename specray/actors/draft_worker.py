@@ -21,12 +21,12 @@ from specray.core.step import Work
 
 class DraftWorker:
     def __init__(self, path: str, num_slots: int, max_len: int, dtype: str = "float32", device: str = "auto",
-                 num_threads: float | None = None, top_n: int = 8, auto_backup_batch: int = 2,
+                 num_threads: float | None = None, auto_backup_batch: int = 2,
                  stand_in: bool = False):
         """stand_in: `path` is the target and only `off` requests come (a 1-layer shard keeps the books)."""
         set_threads(num_threads)
         shard = load_shard(path, 0, 1 if stand_in else None, dtype, worker_device(device))
-        self.drafter = Drafter(shard, num_slots, max_len, top_n, auto_backup_batch=auto_backup_batch)
+        self.drafter = Drafter(shard, num_slots, max_len, auto_backup_batch=auto_backup_batch)
         self.busy = Busy()  # in propose and in the preparation thread
         self.sent_bytes = 0  # speculations sent
         self._preparing: threading.Thread | None = None

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 from specray.actors import Busy, node_id, set_threads, worker_device
 from specray.actors.wire import SpecWire, UpWire, specs_from_wire, up_from_wire, up_nbytes, up_to_wire
-from specray.core.loader import load_shard
+from specray.core.loader import load_lm_head, load_shard
 from specray.core.step import RoundResult, Work
 from specray.core.target import TargetStage
 
 
 class TargetStageWorker:
     def __init__(self, path: str, start: int, stop: int, num_slots: int, max_len: int, dtype: str = "float32",
-                 device: str = "auto", num_threads: float | None = None, device_hidden: bool = False):
+                 device: str = "auto", num_threads: float | None = None, device_hidden: bool = False,
+                 draft: str | None = None):
         """device_hidden: hidden states leave `forward` as device tensors (for a transport that moves
-        them device to device, e.g. NCCL), not as host arrays."""
+        them device to device, e.g. NCCL), not as host arrays. draft: the draft checkpoint, whose LM
+        head the last stage loads to recompute the draft's law (sampled requests need it)."""
         set_threads(num_threads)
         self.device, self.device_hidden = worker_device(device), device_hidden
-        self.stage = TargetStage(load_shard(path, start, stop, dtype, self.device), num_slots, max_len)
+        shard = load_shard(path, start, stop, dtype, self.device)
+        head = load_lm_head(draft, dtype, self.device) if draft is not None and shard.is_last else None
+        self.stage = TargetStage(shard, num_slots, max_len, draft_head=head)
         self.busy = Busy()  # in forward and verify
         self.sent_bytes = 0  # hidden states sent to the next stage
 

@@ -16,7 +16,7 @@ from specray.core.tree import Tree
 
 HiddenWire = tuple[np.ndarray, str]  # an array and the torch dtype's name when numpy lacks it ("" otherwise)
 UpWire = tuple[dict[str, HiddenWire], HiddenWire | None] | None  # a stage's output (core.target.Upstream)
-# (rid, root, tree parents, tokens, q_ids [1+N, top_n], q_probs [1+N, top_n], with_replacement, stats)
+# (rid, root, tree parents, tokens, hidden [1+N, H] or None, with_replacement, saguaro_c, fan_out, stats)
 SpecWire = tuple
 
 
@@ -50,8 +50,9 @@ def up_from_wire(w: UpWire, device: torch.device) -> Upstream:
 
 
 def specs_to_wire(specs: list[Speculation]) -> list[SpecWire]:
-    return [(s.rid, s.root, s.tree.parents, s.tokens, s.q_ids.cpu().numpy(), s.q_probs.cpu().numpy(),
-             s.with_replacement, s.stats) for s in specs]
+    """Speculations as the stages need them (the draft-side `ranked` ids stay behind)."""
+    return [(s.rid, s.root, s.tree.parents, s.tokens, None if s.hidden is None else hidden_to_wire(s.hidden),
+             s.with_replacement, s.saguaro_c, s.fan_out, s.stats) for s in specs]
 
 
 @lru_cache(maxsize=256)
@@ -60,15 +61,18 @@ def _tree(parents: tuple[int, ...]) -> Tree:
 
 
 def specs_from_wire(wire: list[SpecWire]) -> list[Speculation]:
-    return [Speculation(rid, root, _tree(tuple(parents)), list(tokens), torch.from_numpy(q_ids.copy()),
-                        torch.from_numpy(q_probs.copy()), with_replacement, dict(stats))
-            for rid, root, parents, tokens, q_ids, q_probs, with_replacement, stats in wire]
+    """Speculations back, their hidden states on the host (the last stage moves them to its device)."""
+    return [Speculation(rid, root, _tree(tuple(parents)), list(tokens),
+                        None if hidden is None else hidden_from_wire(hidden, torch.device("cpu")),
+                        with_replacement, saguaro_c, tuple(fan_out), dict(stats))
+            for rid, root, parents, tokens, hidden, with_replacement, saguaro_c, fan_out, stats in wire]
 
 
 def specs_nbytes(wire: list[SpecWire]) -> int:
-    """About what a batch of speculations weighs on the wire: its arrays, 8 bytes per token and parent."""
-    return sum(q_ids.nbytes + q_probs.nbytes + 8 * (len(tokens) + len(parents))
-               for _, _, parents, tokens, q_ids, q_probs, _, _ in wire)
+    """About what a batch of speculations weighs on the wire: its hidden states, 8 bytes per token,
+    parent and fan-out entry."""
+    return sum((0 if hidden is None else hidden[0].nbytes) + 8 * (len(tokens) + len(parents) + len(fan_out))
+               for _, _, parents, tokens, hidden, _, _, fan_out, _ in wire)
 
 
 def up_nbytes(up: UpWire | Upstream) -> int:

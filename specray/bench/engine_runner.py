@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from specray.bench.metrics import Measurement, Trace, round_split
 from specray.core.sampling import SamplingParams
@@ -26,15 +27,19 @@ MODES = {
 
 
 def mode_spec(name: str) -> SpeculationConfig:
-    """A bench mode: a MODES name, or `chain:K` / `async:K` for another draft length K."""
-    mode, _, k = name.partition(":")
-    if mode not in MODES or (k and mode not in ("chain", "async")):
-        raise ValueError(f"unknown mode {name!r}; choose from {list(MODES)}, or chain:K / async:K")
-    if not k:
-        return MODES[mode]
-    if not k.isdigit() or int(k) < 1:
-        raise ValueError(f"mode {name!r}: K must be an integer >= 1")
-    return SpeculationConfig(mode, int(k))
+    """A bench mode: a MODES name; `chain:K` / `async:K` for another draft length K; `async:c=C` (or
+    `async:K:c=C`) for SSD with Saguaro weight C."""
+    mode, *options = name.split(":")
+    if mode not in MODES or (options and mode not in ("chain", "async")):
+        raise ValueError(f"unknown mode {name!r}; choose from {list(MODES)}, or chain:K / async:K / async:c=C / "
+                         "async:K:c=C")
+    ks = [o for o in options if not o.startswith("c=")]
+    cs = [o[2:] for o in options if o.startswith("c=")]
+    if len(ks) > 1 or len(cs) > 1 or (cs and mode != "async") or any(not k.isdigit() or int(k) < 1 for k in ks) \
+            or any(not c.replace(".", "", 1).isdigit() for c in cs):
+        raise ValueError(f"mode {name!r}: K must be an integer >= 1 and c=C (async only) a number in (0, 1]")
+    given = {"num_speculative_tokens": int(ks[0])} if ks else {}
+    return replace(MODES[mode], **given, **({"saguaro_c": float(cs[0])} if cs else {}))
 
 
 def engine_requests(tag: str, prompts: list[list[int]], mode: str, max_tokens: int, temperature: float,

@@ -69,7 +69,7 @@ class BenchConfig:
             if unknown or not getattr(self, name):
                 raise ValueError(f"{name}: unknown {unknown} or none given; choose from {list(allowed)}")
         if not self.modes:
-            raise ValueError(f"modes: none given; choose from {list(MODES)}, or chain:K / async:K")
+            raise ValueError(f"modes: none given; choose from {list(MODES)}, or chain:K / async:K / async:c=C")
         for mode in self.modes:
             mode_spec(mode)
         if self.max_tokens < 2:

@@ -17,9 +17,9 @@ import torch
 
 from specray.core.batch import Rows, causal_rows, pack
 from specray.core.model import Shard
-from specray.core.sampling import SamplingParams, draft_law, draw_children, make_generator
+from specray.core.sampling import SamplingParams, draft_law, draw_children, make_generator, top_ids
 from specray.core.speculation import Speculation, SpeculationConfig
-from specray.core.ssd import SpeculationCache, geometric_fan_out, saguaro
+from specray.core.ssd import SpeculationCache, geometric_fan_out, likely_outcomes
 from specray.core.step import Work
 from specray.core.tree import Tree
 from specray.core.verify import Outcome
@@ -43,19 +43,20 @@ class DraftSeq:
 
 
 class Drafter:
-    def __init__(self, shard: Shard, num_slots: int, max_len: int, top_n: int = 8, prefill_chunk: int = 512,
+    def __init__(self, shard: Shard, num_slots: int, max_len: int, prefill_chunk: int = 512,
                  auto_backup_batch: int = 2):
         self.shard = shard
         self.cache = shard.new_cache(num_slots, max_len)
-        self.top_n = top_n  # width of the compact draft law shipped per tree node
+        self.vocab = shard.cfg.vocab_size
+        self.dtype = next(shard.parameters()).dtype  # of the hidden states shipped for verification
         self.prefill_chunk = prefill_chunk
         self.auto_backup_batch = auto_backup_batch  # b*: fast SSD backup from this many running sequences
         self.seqs: dict[str, DraftSeq] = {}
 
     def add(self, rid: str, prompt: list[int], params: SamplingParams, spec: SpeculationConfig) -> None:
         """Register a sequence and prefill all but its last prompt token (off mode: no draft slot)."""
-        if max(spec.branching, default=1) > self.top_n:
-            raise ValueError(f"branching {list(spec.branching)} is wider than the draft law width {self.top_n}")
+        if max(spec.branching, default=1) > self.vocab:
+            raise ValueError(f"branching {list(spec.branching)} is wider than the vocabulary ({self.vocab})")
         slot = self.cache.allocate() if spec.mode != "off" else None
         self.seqs[rid] = DraftSeq(list(prompt), params, spec, make_generator(params.seed, "draft"), slot)
         if slot is not None:
@@ -71,27 +72,43 @@ class Drafter:
         p = pack(rows)
         return self.shard(p.x, self.cache, torch.tensor(slots), p.positions, p.base, p.window, p.num_valid)
 
-    def _laws(self, hidden: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [R, H] -> draft law ids, probs [R, top_n], on the host: the draft's one sync per
-        depth, since the next depth's tokens are drawn from these laws with the host generator."""
-        ids, probs = draft_law(self.shard.logits(hidden)[:, None], params, self.top_n)
-        return ids[:, 0].cpu(), probs[:, 0].cpu()
+    def _laws(self, hidden: torch.Tensor, seqs: list[DraftSeq], fans: list[int],
+              width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [R, H] (row r of seqs[r], weighted for fans[r]) -> its draft law [R, V], its `width`
+        highest-logit ids and their probabilities [R, W], and the hidden rows, on the host: the
+        draft's one sync per depth, since the next depth's tokens are drawn from these laws with the
+        host generator."""
+        logits = self.shard.logits(hidden)  # [R, V]
+        probs = draft_law(logits, [s.params for s in seqs], fans, [s.spec.saguaro_c for s in seqs])
+        ranked = top_ids(logits, width)  # [R, W]
+        return probs.cpu(), ranked.cpu(), probs.gather(-1, ranked).cpu(), hidden.cpu()
 
     def _new_speculation(self, rid: str, seq: DraftSeq, root: int, tree: Tree) -> Speculation:
-        """An empty speculation to draft into: node tokens and laws are filled by _draw; an async one
-        gets this round's fan-out."""
-        fan_out = self._fan_out(seq) if seq.spec.mode == "async" and tree.num_nodes else ()
-        return Speculation(rid, root, tree, [0] * tree.num_nodes,
-                           torch.zeros(1 + tree.num_nodes, self.top_n, dtype=torch.long),
-                           torch.zeros(1 + tree.num_nodes, self.top_n), seq.spec.with_replacement, fan_out=fan_out)
+        """An empty speculation to draft into: node tokens, hidden states and ranked ids are filled by
+        _draw; an async one gets this round's fan-out."""
+        ssd = seq.spec.mode == "async" and tree.num_nodes
+        fan_out = self._fan_out(seq) if ssd and not self._by_likelihood(seq) else ()
+        guesses = seq.spec.branch_budget if ssd and self._by_likelihood(seq) else max(fan_out, default=0)
+        widest = max((len(tree.children(j)) for j in range(-1, tree.num_nodes)), default=1)
+        rows, width = 1 + tree.num_nodes, min(self.vocab, max(widest, guesses + 1))
+        hidden = None if seq.params.greedy else torch.zeros(rows, self.shard.cfg.hidden_size, dtype=self.dtype)
+        return Speculation(rid, root, tree, [0] * tree.num_nodes, hidden, seq.spec.with_replacement,
+                           seq.spec.saguaro_c, fan_out, ranked=torch.zeros(rows, width, dtype=torch.long),
+                           ranked_probs=torch.zeros(rows, width))
+
+    @staticmethod
+    def _by_likelihood(seq: DraftSeq) -> bool:
+        """SSD guesses the likeliest outcomes across positions (ssd.likely_outcomes) rather than a
+        fixed fan-out: sampled, without Saguaro weights or a fan-out of the request's."""
+        return not seq.params.greedy and seq.spec.saguaro_c == 1 and not seq.spec.fan_out
 
     def _fan_out(self, seq: DraftSeq) -> tuple[int, ...]:
         """SSD guesses per outcome position: the request's (capped at the candidates a position has:
-        top_n - 1, top_n for the bonus), or geometric in its live acceptance rate."""
+        V - 1, V for the bonus), or geometric in its live acceptance rate."""
         k = seq.spec.num_speculative_tokens
         if seq.spec.fan_out:
-            return tuple(min(f, self.top_n - (pos < k)) for pos, f in enumerate(seq.spec.fan_out))
-        return geometric_fan_out(k, (seq.accepted + 1) / (seq.drafted + 2), seq.spec.branch_budget, self.top_n)
+            return tuple(min(f, self.vocab - (pos < k)) for pos, f in enumerate(seq.spec.fan_out))
+        return geometric_fan_out(k, (seq.accepted + 1) / (seq.drafted + 2), seq.spec.branch_budget, self.vocab)
 
     def apply(self, work: Work) -> None:
         """A step's bookkeeping (core.step): commit the last outcomes, forget removed sequences, admit."""
@@ -134,12 +151,13 @@ class Drafter:
             hidden = self._forward([s.slot for s in level], list(rows))
             picks = torch.cat([hidden[i, torch.tensor(idx)] for i, idx in enumerate(parents)])
             owners = [s for s, idx in zip(level, parents) for _ in idx]
-            ids, probs = self._laws(picks, [s.params for s in owners])
-            probs = saguaro(probs, [self._fan(s.last, depth) for s in owners], [s.spec.saguaro_c for s in owners])
+            probs, ranked, ranked_probs, picks = self._laws(picks, owners, [self._fan(s.last, depth) for s in owners],
+                                                            max(s.last.ranked.shape[1] for s in level))
             r = 0
             for s in level:
                 for node in (-1,) if depth == 0 else s.last.tree.levels[depth - 1]:
-                    self._draw(s, node, ids[r], probs[r])
+                    _keep(s.last, node + 1, ranked[r], ranked_probs[r], picks[r])
+                    self._draw(s, node, probs[r], ranked[r])
                     r += 1
 
     @staticmethod
@@ -160,11 +178,11 @@ class Drafter:
         positions = [seq.base + p - 1 + depth] * len(nodes)
         return Rows([seq.last.tokens[j] for j in nodes], positions, seq.base, window), list(range(len(nodes)))
 
-    def _draw(self, seq: DraftSeq, node: int, ids: torch.Tensor, probs: torch.Tensor) -> None:
+    def _draw(self, seq: DraftSeq, node: int, probs: torch.Tensor, ranked: torch.Tensor) -> None:
+        """Draw node's children from probs # [V] (ranked # [W]: its highest-logit ids)."""
         spec = seq.last
         children = spec.tree.children(node)
-        spec.q_ids[node + 1], spec.q_probs[node + 1] = ids, probs
-        drawn = draw_children(ids, probs, len(children), spec.with_replacement, seq.generator)
+        drawn = draw_children(probs, ranked, len(children), spec.with_replacement, seq.generator)
         for child, token in zip(children, drawn):
             spec.tokens[child] = token
 
@@ -175,10 +193,10 @@ class Drafter:
                 if s.spec.mode == "async" and s.slot is not None and s.last.tree.num_nodes]
         if not seqs:
             return
-        bonus_ids, _ = self._laws(self._forward([s.slot for s in seqs], [self._last_rows(s) for s in seqs])[:, 0],
-                                  [s.params for s in seqs])
-        for s, ids in zip(seqs, bonus_ids):
-            s.cache = self._guess(s, ids)
+        last = self._forward([s.slot for s in seqs], [self._last_rows(s) for s in seqs])[:, 0]  # [B, H]
+        _, bonus_ids, bonus_probs, _ = self._laws(last, seqs, [0] * len(seqs), max(s.last.ranked.shape[1] for s in seqs))
+        for s, ids, probs in zip(seqs, bonus_ids, bonus_probs):
+            s.cache = self._guess(s, ids, probs)
         for j in range(max(s.cache.k for s in seqs)):
             level = [s for s in seqs if s.cache.k > j and s.cache.width]
             if not level:
@@ -188,13 +206,13 @@ class Drafter:
             picks = torch.cat([hidden[i, :w] for i, w in enumerate(m)])
             owners = [s for s, w in zip(level, m) for _ in range(w)]
             fans = [self._fan(branch, j) for s in level for branch in s.cache.branches]
-            ids, probs = self._laws(picks, [s.params for s in owners])
-            probs = saguaro(probs, fans, [s.spec.saguaro_c for s in owners])
+            probs, ranked, ranked_probs, picks = self._laws(
+                picks, owners, fans, max(b.ranked.shape[1] for s in level for b in s.cache.branches))
             r = 0
             for s in level:
                 for branch in s.cache.branches:
-                    branch.q_ids[j], branch.q_probs[j] = ids[r], probs[r]
-                    branch.tokens[j] = draw_children(ids[r], probs[r], 1, False, s.generator)[0]
+                    _keep(branch, j, ranked[r], ranked_probs[r], picks[r])
+                    branch.tokens[j] = draw_children(probs[r], ranked[r], 1, False, s.generator)[0]
                     r += 1
 
     def _last_rows(self, seq: DraftSeq) -> Rows:
@@ -202,16 +220,23 @@ class Drafter:
         k, p = seq.last.tree.num_nodes, seq.pending
         return Rows([seq.last.tokens[-1]], [seq.base + p - 1 + k], seq.base, torch.ones(1, p + k, dtype=torch.bool))
 
-    def _guess(self, seq: DraftSeq, bonus_ids: torch.Tensor) -> SpeculationCache:
-        """Top-F_k outcomes per position k, excluding the drafted token (it can never be the correction)."""
+    def _guess(self, seq: DraftSeq, bonus_ids: torch.Tensor, bonus_probs: torch.Tensor) -> SpeculationCache:
+        """The outcomes (k, b) to prepare (see ssd's docstring): per position, the ranked candidates
+        without the drafted token (it can never be the correction), the top F_k of each, or the likeliest
+        across positions. bonus_ids, bonus_probs # [W]: the draft's law after x_K."""
         last, k = seq.last, seq.last.tree.num_nodes
-        keys, branches = {}, []
-        for pos, fan in enumerate(last.fan_out):  # the fan-out its own laws were weighted for
-            candidates = last.q_ids[pos].tolist() if pos < k else bonus_ids.tolist()
+        candidates = []  # per position: (token, the draft's estimate of P(it is the outcome's b))
+        for pos in range(k + 1):
+            ids, probs = (last.ranked[pos], last.ranked_probs[pos]) if pos < k else (bonus_ids, bonus_probs)
             drafted = last.tokens[pos] if pos < k else None
-            for token in [t for t in candidates if t != drafted][:fan]:
-                keys[(pos, token)] = len(branches)
-                branches.append(self._new_speculation(last.rid, seq, token, Tree.chain(k)))
+            rest = 1 - sum(float(w) for t, w in zip(ids.tolist(), probs) if t == drafted)  # renormalise without it
+            candidates.append([(t, float(w) / max(rest, 1e-9)) for t, w in zip(ids.tolist(), probs) if t != drafted])
+        if self._by_likelihood(seq):
+            outcomes = likely_outcomes((seq.accepted + 1) / (seq.drafted + 2), candidates, seq.spec.branch_budget)
+        else:  # the fan-out its own laws were weighted for
+            outcomes = [(pos, t) for pos, fan in enumerate(last.fan_out) for t, _ in candidates[pos][:fan]]
+        keys = {outcome: i for i, outcome in enumerate(outcomes)}
+        branches = [self._new_speculation(last.rid, seq, b, Tree.chain(k)) for _, b in outcomes]
         return SpeculationCache(seq.pending, k, keys, branches)
 
     def _branch_rows(self, seq: DraftSeq, j: int) -> Rows:
@@ -247,3 +272,12 @@ class Drafter:
             else:
                 fed = [seq.pending + j for j in out.accepted if tree.depths[j] < tree.depth]
                 self.cache.compact(seq.slot, seq.base, list(range(seq.pending)) + fed)
+
+
+def _keep(spec: Speculation, row: int, ranked: torch.Tensor, ranked_probs: torch.Tensor, hidden: torch.Tensor) -> None:
+    """Record a law row of `spec`: its ranked ids and their probabilities (as many as the speculation
+    keeps) and, unless the request is greedy, the hidden state verification recomputes the law from."""
+    w = spec.ranked.shape[1]
+    spec.ranked[row], spec.ranked_probs[row] = ranked[:w], ranked_probs[:w]
+    if spec.hidden is not None:
+        spec.hidden[row] = hidden

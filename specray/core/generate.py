@@ -38,7 +38,7 @@ class Completion:
 
 def generate(target: list[Shard], draft: Shard | None, prompts: list[list[int]],
              params: SamplingParams | list[SamplingParams], spec: SpeculationConfig | list[SpeculationConfig],
-             max_tokens: int, eos_ids: tuple[int, ...] = (), top_n: int = 8) -> list[Completion]:
+             max_tokens: int, eos_ids: tuple[int, ...] = ()) -> list[Completion]:
     """Generate for every prompt at once (one batch). `target` is the list of stage shards."""
     params = params if isinstance(params, list) else [params] * len(prompts)
     specs = spec if isinstance(spec, list) else [spec] * len(prompts)
@@ -46,8 +46,9 @@ def generate(target: list[Shard], draft: Shard | None, prompts: list[list[int]],
         raise ValueError("a draft model is needed for speculative modes")
     max_len = max(len(p) for p in prompts) + max_tokens + max(s.draft_rows for s in specs)
     slots = len(prompts)
-    drafter = Drafter(draft if draft is not None else target[0], slots, max_len, top_n)
-    stages = [TargetStage(shard, slots, max_len) for shard in target]
+    drafter = Drafter(draft if draft is not None else target[0], slots, max_len)
+    head = draft.lm_head if draft is not None else None
+    stages = [TargetStage(shard, slots, max_len, draft_head=head if shard.is_last else None) for shard in target]
     seqs, admit = {}, []
     for i, (prompt, p, s) in enumerate(zip(prompts, params, specs)):
         if not prompt:

@@ -10,12 +10,14 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from specray.core.config import ModelConfig
 from specray.core.model import Shard
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+EMBED = "model.embed_tokens.weight"
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -90,6 +92,30 @@ def _hf_tensors(path: str, names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _tensors(path: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors checkpoint, or every tensor of a GGUF file."""
+    return _gguf_tensors(path) if _is_gguf(path) else _hf_tensors(path, names)
+
+
+def _head_name(cfg: ModelConfig, source: dict[str, torch.Tensor]) -> str:
+    """Where the LM head's weight is: the token embeddings when tied or when no lm_head is stored."""
+    return EMBED if cfg.tie_word_embeddings or "lm_head.weight" not in source else "lm_head.weight"
+
+
+def load_lm_head(path: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> nn.Linear:
+    """The LM head alone of the model at `path` (the last target stage recomputes the draft's law with it)."""
+    cfg = load_config(path)
+    source = _tensors(path, ["lm_head.weight", EMBED])
+    name = _head_name(cfg, source)
+    if name not in source:
+        raise ValueError(f"{path}: checkpoint lacks {name}")
+    with torch.device("meta"):
+        head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    own = torch.device(device).type == "cpu"
+    head.load_state_dict({"weight": source[name].to(parse_dtype(dtype), copy=own)}, assign=True)
+    return head.to(device).eval()
+
+
 def load_shard(path: str, start: int = 0, stop: int | None = None, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu") -> Shard:
     """Layers [start, stop) of the model at `path`, on `device` in `dtype`, ready for inference."""
@@ -102,16 +128,9 @@ def load_shard(path: str, start: int = 0, stop: int | None = None, dtype: str | 
         if name.startswith("layers."):
             i, rest = name.split(".", 2)[1:]
             wanted[name] = f"model.layers.{int(i) + shard.start}.{rest}"
-    if shard.is_last and cfg.tie_word_embeddings:
-        wanted["lm_head.weight"] = "model.embed_tokens.weight"
-    if _is_gguf(path):
-        source = _gguf_tensors(path)
-        if shard.is_last and "lm_head.weight" not in source:
-            wanted["lm_head.weight"] = "model.embed_tokens.weight"
-    else:
-        source = _hf_tensors(path, list(set(wanted.values())) + ["model.embed_tokens.weight"])
-        if shard.is_last and "lm_head.weight" not in source and not cfg.tie_word_embeddings:
-            wanted["lm_head.weight"] = "model.embed_tokens.weight"
+    source = _tensors(path, list(set(wanted.values())) + [EMBED])
+    if shard.is_last:
+        wanted["lm_head.weight"] = _head_name(cfg, source)
     missing = [hf for hf in wanted.values() if hf not in source]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")

@@ -136,7 +136,13 @@ class Shard(nn.Module):
         cache.lengths[slots] += n if num_valid is None else num_valid
         return self.norm(h) if self.is_last else h
 
-    @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head in fp32 over chosen rows. h: [..., H] -> [..., V]."""
-        return self.lm_head(h).float()
+        return head_logits(self.lm_head, h)
+
+
+@torch.inference_mode()
+def head_logits(head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """An LM head in fp32: h [..., H] -> [..., V]. The draft's logits, on the draft and when the last
+    target stage recomputes its law from the draft's hidden states, come from here."""
+    return head(h).float()

@@ -1,13 +1,13 @@
-"""Sampling: per-request settings, the target's processed distribution and the draft's compact law.
+"""Sampling: per-request settings, the target's processed distribution and the draft's law.
 
 Every distribution here is fp32 and already processed: temperature, then top-k, then top-p on the
 top-k-renormalised distribution (the Hugging Face / vLLM order), renormalised. Greedy
 (temperature 0) is a one-hot on the argmax. Ties in logits rank the lower token id first, in
 both the target's and the draft's law.
 
-The draft ships its law compactly, as N (id, probability) pairs instead of a V-wide row: its N
-highest-logit ids and their processed probabilities renormalised over those N. Candidates drawn from that law are exact
-inputs for verification. Knows nothing of models, trees or how verification uses q.
+The draft's law is the same processed distribution of the draft's logits, over the whole
+vocabulary (a truncated law loses acceptance: over the top 8 tokens, half of it at temperature 1),
+with SSD's Saguaro weighting on top. Knows nothing of models, trees or how verification uses q.
 """
 from __future__ import annotations
 
@@ -55,11 +55,12 @@ def _descending(logits: torch.Tensor) -> torch.Tensor:
     return torch.sort(logits, dim=-1, descending=True, stable=True).indices
 
 
-def _top_ids(logits: torch.Tensor, n: int) -> torch.Tensor:
-    """logits # [M, V] -> the first n ids of _descending's order # [M, n], without sorting all V: a
-    top-k, then its n winners re-sorted stably (ids ascending, then logits descending). Falls back to
-    the full sort when a tie straddles the n-th place (top-k may pick either of the tied ids). The check
-    syncs with the device once; the draft's law goes to the host right after anyway."""
+def top_ids(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """logits # [M, V] -> the first min(n, V) ids of _descending's order # [M, n], without sorting all
+    V: a top-k, then its n winners re-sorted stably (ids ascending, then logits descending). Falls back
+    to the full sort when a tie straddles the n-th place (top-k may pick either of the tied ids). The
+    check syncs with the device once; the draft's law goes to the host right after anyway."""
+    n = min(n, logits.shape[-1])
     values, ids = logits.topk(n, dim=-1)  # [M, n]
     if bool(((logits >= values[:, -1:]).sum(-1) > n).any()):
         return _descending(logits)[:, :n]
@@ -107,44 +108,48 @@ def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     return out
 
 
-def draft_law(logits: torch.Tensor, params: list[SamplingParams], top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The draft's compact proposal law.
+def draft_law(logits: torch.Tensor, params: list[SamplingParams], fans: list[int], cs: list[float]) -> torch.Tensor:
+    """The law a node's children are drawn from and verification divides by, over the whole vocabulary.
 
-    logits # [B, n, V]. Returns ids # [B, n, N] int64, the N = top_n highest-logit tokens in
-    descending order, and probs # [B, n, N] fp32: the request's processed distribution (as
-    target_probs) restricted to ids and renormalised. Greedy rows get probs [1, 0, ..., 0]."""
-    B, n, V = logits.shape
-    if not 1 <= top_n <= V:
-        raise ValueError(f"top_n must be in [1, vocab size {V}], got {top_n}")
-    flat = logits.float().reshape(B * n, V)
-    ids = _top_ids(flat, top_n)  # [B*n, N]
-    probs = torch.empty(B * n, top_n, dtype=torch.float32, device=logits.device)
-    for b_rows in _groups(params, B).values():
-        rows = torch.tensor([b * n + i for b in b_rows for i in range(n)], device=logits.device)
-        kept = _process(flat[rows], params[b_rows[0]]).gather(-1, ids[rows])  # [M, N]
-        probs[rows] = kept / kept.sum(-1, keepdim=True)  # the top id is always kept: mass > 0
-    return ids.reshape(B, n, top_n), probs.reshape(B, n, top_n)
+    logits # [R, V] the draft's logits at R nodes; params, fans, cs: one per row. The request's
+    processed distribution, exactly as target_probs (top-k and top-p truncate the draft as they do the
+    target), then SSD's Saguaro weighting: the row's `fan` highest-logit ids scaled by its c and the
+    row renormalised (fan 0 or c 1: unchanged). Returns # [R, V] fp32. The draft draws from it and
+    the last target stage recomputes it from the same hidden states, so verification divides by the
+    law the candidates were drawn from."""
+    probs = target_probs(logits[:, None], params)[:, 0]  # [R, V]
+    rows = [r for r, (f, c) in enumerate(zip(fans, cs)) if f > 0 and c < 1 and not params[r].greedy]
+    if not rows:
+        return probs
+    idx = torch.tensor(rows, device=logits.device)
+    fan = torch.tensor([fans[r] for r in rows], device=logits.device)[:, None]  # [W, 1]
+    c = torch.tensor([cs[r] for r in rows], device=logits.device, dtype=torch.float32)[:, None]  # [W, 1]
+    top = top_ids(logits[idx].float(), int(fan.max()))  # [W, F]
+    ranks = torch.arange(top.shape[1], device=logits.device)[None, :]  # [1, F]
+    scale = torch.ones_like(probs[idx]).scatter_(-1, top, torch.where(ranks < fan, c, 1.0))  # [W, V]
+    weighted = probs[idx] * scale
+    probs[idx] = weighted / weighted.sum(-1, keepdim=True)
+    return probs
 
 
-def draw_children(ids: torch.Tensor, probs: torch.Tensor, k: int, with_replacement: bool,
+def draw_children(probs: torch.Tensor, ranked: torch.Tensor, k: int, with_replacement: bool,
                   generator: torch.Generator | None) -> list[int]:
     """Draw k children tokens for one node, in draw order.
 
-    ids, probs # [N]: the node's draft law (a draft_law row). With replacement: k i.i.d. draws.
-    Without: sequential draws, each from probs with earlier draws removed and renormalised; once
-    the remaining mass is 0 (e.g. greedy, top-p) the rest are the next ids in `ids` order not yet
-    drawn -- deterministic candidates, whose law is a point mass."""
-    N = ids.numel()
-    if not 0 <= k <= N:
-        raise ValueError(f"cannot draw {k} children from a draft law over {N} tokens (need 0 <= k <= N)")
+    probs # [V]: the node's draft law (a draft_law row); ranked # [>= k]: its highest-logit ids. With
+    replacement: k i.i.d. draws. Without: sequential draws, each from probs with earlier draws removed
+    and renormalised; once the remaining mass is 0 (e.g. greedy, top-p) the rest are the next ids of
+    `ranked` not yet drawn -- deterministic candidates, whose law is a point mass."""
+    if not 0 <= k <= probs.numel():
+        raise ValueError(f"cannot draw {k} children from a draft law over {probs.numel()} tokens")
     if with_replacement:
         picks = torch.multinomial(probs, k, replacement=True, generator=generator).tolist() if k else []
     else:
         m = min(k, int((probs > 0).sum()))
         picks = torch.multinomial(probs, m, replacement=False, generator=generator).tolist() if m else []
         if m < k:  # support exhausted: deterministic candidates
-            picks += [i for i in range(N) if i not in picks][: k - m]
-    return [int(ids[i]) for i in picks]
+            picks += [t for t in ranked.tolist() if t not in picks][: k - m]
+    return [int(t) for t in picks]
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -92,9 +92,21 @@ class Speculation:
     root: int                     # t0: the last committed token, not yet in the target's cache
     tree: Tree
     tokens: list[int]             # [N] node tokens, breadth-first
-    q_ids: torch.Tensor           # [1+N, top_n] int64: draft law ids for the children of root / node j
-    q_probs: torch.Tensor         # [1+N, top_n] fp32: their probabilities (rows of leaves unused)
+    hidden: torch.Tensor | None   # [1+N, H] the draft's final hidden state at the root / node j, from which
+    #                               verification recomputes the law (sampling.draft_law) its children were
+    #                               drawn from; rows of leaves unused. None for a greedy request: each child
+    #                               is then a point mass (the argmax, then deterministic candidates)
     with_replacement: bool = False
-    stats: dict = field(default_factory=dict)  # draft-side bookkeeping (e.g. cache hit), travels along
+    saguaro_c: float = 1.0
     fan_out: tuple[int, ...] = ()  # SSD: guesses per outcome position, fixed when drafted: what its laws'
     #                                Saguaro weights and the guesses made while it is verified both use
+    stats: dict = field(default_factory=dict)  # draft-side bookkeeping (e.g. cache hit), travels along
+    ranked: torch.Tensor | None = None  # [1+N, W] draft side only, never shipped: each row's highest-logit
+    #                                     ids (SSD's guesses, a greedy tree's deterministic candidates)
+    ranked_probs: torch.Tensor | None = None  # [1+N, W] draft side only: their probabilities in the draft law
+
+    def row_fans(self) -> list[int]:
+        """The Saguaro fan-out each law row was weighted for: the root's is F_0, node j's F_depth(j)."""
+        if not self.fan_out:
+            return [0] * (1 + self.tree.num_nodes)
+        return [self.fan_out[d] for d in (0, *self.tree.depths)]

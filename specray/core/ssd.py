@@ -4,8 +4,19 @@ While the target verifies a K-chain x_1..x_K, the draft predicts the likely outc
 accepted tokens, then the correction/bonus token b -- and drafts the next round's K-chain for
 each, all branches batched, one forward per depth, tree-masked over the shared prefix. A hit
 serves the next speculation at once; a miss falls back to a backup. Only the latest round's cache
-is kept. Exactness: every cached token was drawn from the law it ships with (Saguaro's down-weighted
-q' included), and which branch is used depends only on the verification outcome.
+is kept. Exactness: every cached token was drawn from its node's draft law (sampling.draft_law,
+Saguaro's down-weighting included), which verification recomputes from the hidden state the branch
+ships, and which branch is used depends only on the verification outcome.
+
+Which outcomes to guess. The drafted token x_{k+1} is never a guess at k (it cannot be the
+correction). Greedy, or with Saguaro weights, or a fan-out the request fixed: F_k guesses at each
+position k (geometric_fan_out, fixed when the speculation is drafted, since Saguaro's weights of its
+laws depend on it), the draft's highest-logit tokens there; with Saguaro they are the tokens it
+down-weighted, where the residual norm(max(0, p - q')) then lies. Sampled without Saguaro: the
+branch budget goes to the outcomes the draft rates likeliest across all positions (likely_outcomes):
+P(k accepted) times the draft's own law at k without x_{k+1} (its best estimate of where the
+correction falls), or its law after x_K for the bonus; a peaked position takes few guesses, a flat
+one many.
 
 Rows of a sequence's draft cache after `base` while a cache is built (P pending rows):
   [0, P) pending | [P, P+K-1) x_1..x_{K-1} | P+K-1 x_K | then K blocks of M branch rows
@@ -14,8 +25,6 @@ Knows nothing of Ray."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from specray.core.speculation import Speculation
 
@@ -35,15 +44,15 @@ def geometric_fan_out(k: int, acceptance: float, budget: int, width: int) -> tup
     return tuple(fan)
 
 
-def saguaro(probs: torch.Tensor, fan: list[int], c: list[float]) -> torch.Tensor:
-    """Down-weight each row's top-F entries by its c and renormalise (ids are sorted by draft logit).
-    probs [R, N]; fan, c: [R]. Returns q' [R, N]: the law the draft then really samples from."""
-    if min(c) >= 1:
-        return probs
-    ranks = torch.arange(probs.shape[1])[None, :]  # [1, N]
-    scale = torch.where(ranks < torch.tensor(fan)[:, None], torch.tensor(c)[:, None], 1.0)  # [R, N]
-    out = probs * scale
-    return out / out.sum(-1, keepdim=True)
+def likely_outcomes(acceptance: float, candidates: list[list[tuple[int, float]]], budget: int) -> list[tuple[int, int]]:
+    """The `budget` outcomes (k, b) the draft rates likeliest, best first: P(exactly k accepted) under
+    i.i.d. acceptance times P(b | k), the chance that b is the correction at position k (k < K) or
+    the bonus (k = K). candidates[k]: (token, P(b | k) as the draft estimates it) at position k."""
+    a, depth = min(max(acceptance, 0.05), 0.95), len(candidates) - 1
+    scored = [((a ** k * (1 - a) if k < depth else a ** depth) * w, k, token)
+              for k, position in enumerate(candidates) for token, w in position]
+    scored.sort(key=lambda x: -x[0])
+    return [(k, token) for _, k, token in scored[:budget]]
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Every stage applies a step's work (core.step: commit, remove, admit with prefill), then runs the
 verification forward over [t0] + the speculation's tree for each sequence; the last stage also
-turns its rows into target probabilities and verifies, so no V-wide tensor leaves it. `commit`
-keeps t0 and the accepted path in this stage's cache. Knows nothing of Ray."""
+turns its rows into target probabilities, recomputes the draft's law from the draft's hidden states
+with its own copy of the draft's LM head, and verifies, so no V-wide tensor crosses an actor
+boundary. `commit` keeps t0 and the accepted path in this stage's cache. Knows nothing of Ray."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from specray.core.batch import Rows, causal_rows, pack
-from specray.core.model import Shard
-from specray.core.sampling import SamplingParams, make_generator, target_probs
+from specray.core.model import Shard, head_logits
+from specray.core.sampling import SamplingParams, draft_law, make_generator, target_probs
 from specray.core.speculation import Speculation
 from specray.core.step import RoundResult, Work
 from specray.core.verify import Outcome, TorchRng, verify_tree
@@ -30,8 +31,11 @@ class TargetSeq:
 
 
 class TargetStage:
-    def __init__(self, shard: Shard, num_slots: int, max_len: int, prefill_chunk: int = 512):
+    def __init__(self, shard: Shard, num_slots: int, max_len: int, prefill_chunk: int = 512,
+                 draft_head: torch.nn.Linear | None = None):
+        """draft_head: the draft's LM head (last stage; needed to verify sampled speculations)."""
         self.shard = shard
+        self.draft_head = draft_head
         self.cache = shard.new_cache(num_slots, max_len)
         self.prefill_chunk = prefill_chunk
         self.seqs: dict[str, TargetSeq] = {}
@@ -116,9 +120,27 @@ class TargetStage:
         params = [self.seqs[s.rid].params for s, m in zip(specs, sizes) for _ in range(m)]
         probs = target_probs(self.shard.logits(rows)[:, None], params)[:, 0]  # [R, V]
         probs = probs.cpu().split(sizes)  # this step's device-to-host sync: the walk below runs on the host
-        return {s.rid: verify_tree(s.tree, torch.tensor(s.tokens, dtype=torch.long), p, s.q_ids, s.q_probs,
+        laws = self._draft_laws(specs)
+        return {s.rid: verify_tree(s.tree, torch.tensor(s.tokens, dtype=torch.long), p, laws.get(s.rid),
                                    s.with_replacement, self.seqs[s.rid].rng)
                 for s, p in zip(specs, probs)}
+
+    def _draft_laws(self, specs: list[Speculation]) -> dict[str, torch.Tensor]:
+        """The law each sampled speculation's nodes drew their children from # {rid: [1+N, V]},
+        recomputed from the draft's hidden states by the function the draft used (greedy ones ship
+        none: their children are point masses)."""
+        shipped = [s for s in specs if s.hidden is not None]
+        if not shipped:
+            return {}
+        if self.draft_head is None:
+            raise RuntimeError("sampled speculations need the draft's LM head on the last target stage")
+        device = self.draft_head.weight.device
+        hidden = torch.cat([s.hidden for s in shipped]).to(device)  # [R, H_draft]
+        params = [self.seqs[s.rid].params for s in shipped for _ in range(len(s.hidden))]
+        cs = [s.saguaro_c for s in shipped for _ in range(len(s.hidden))]
+        fans = [f for s in shipped for f in s.row_fans()]
+        q = draft_law(head_logits(self.draft_head, hidden), params, fans, cs)  # [R, V]
+        return dict(zip((s.rid for s in shipped), q.cpu().split([len(s.hidden) for s in shipped])))
 
     def commit(self, outcomes: dict[str, Outcome]) -> None:
         """Keep t0 and the accepted path's rows contiguously after the committed prefix."""

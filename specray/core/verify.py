@@ -10,8 +10,8 @@ is the law each candidate was really drawn from.
 
 The walk, at a node with target p and children c_1..c_k in draw order: child i's law q_i is the
 draft's q (with replacement) or q with c_1..c_{i-1} removed and renormalised (without). Where
-q_i(c_i) = 0 (support exhausted: greedy, top-p, top-N) c_i is a deterministic candidate and
-q_i = δ(c_i). Accept c_i if U < p(c_i) / q_i(c_i) and descend; else p = norm(max(0, p - q_i)).
+q_i(c_i) = 0 (support exhausted: greedy, top-p, top-k) c_i is a deterministic candidate and
+q_i = δ(c_i); a greedy draft ships no q at all, since every child is then one. Accept c_i if U < p(c_i) / q_i(c_i) and descend; else p = norm(max(0, p - q_i)).
 
 Randomness is injected (an `Rng`), so tests can enumerate every branch exactly. Knows nothing of
 models or KV caches; tensors may live on any device, but CPU tensors avoid a sync per decision.
@@ -81,11 +81,6 @@ def _without(q: torch.Tensor, token: int) -> torch.Tensor:
     return q / mass if mass > 0 else q
 
 
-def _dense(ids: torch.Tensor, probs: torch.Tensor, vocab: int) -> torch.Tensor:
-    """ids, probs # [Nq] -> the same law as a dense row # [V] fp32."""
-    return torch.zeros(vocab, dtype=torch.float32, device=probs.device).index_put_((ids,), probs.float(), accumulate=True)
-
-
 def _verify_children(children: tuple[int, ...], tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
                      with_replacement: bool, rng: Rng) -> tuple[int | None, torch.Tensor]:
     """Try children in draw order. tokens # [N]; p, q # [V] fp32 at their parent.
@@ -105,14 +100,14 @@ def _verify_children(children: tuple[int, ...], tokens: torch.Tensor, p: torch.T
     return None, p
 
 
-def verify_tree(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q_ids: torch.Tensor, q_probs: torch.Tensor,
+def verify_tree(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None,
                 with_replacement: bool, rng: Rng) -> Outcome:
     """Verify one sequence's tree.
 
     tokens # [N] node tokens; p # [1+N, V] fp32 target distributions (target_probs): row 0 at the
-    root, row 1+j for the children of node j; q_ids, q_probs # [1+N, Nq] the draft's law
-    (draft_law) at the root (row 0) and at node j (row 1+j); leaf rows are unused. Extra trailing
-    rows (padding) are ignored."""
+    root, row 1+j for the children of node j; q # [1+N, V] fp32 the draft's law (draft_law) at the
+    same rows, leaf rows unused, or None when every child is a point mass (a greedy draft). Extra
+    trailing rows (padding) are ignored."""
     accepted: list[int] = []
     node = -1
     while True:
@@ -120,8 +115,8 @@ def verify_tree(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q_ids: torch.
         children = tree.children(node)
         if not children:
             return Outcome(tuple(accepted), rng.sample(target))  # bonus
-        q = _dense(q_ids[node + 1], q_probs[node + 1], target.numel())  # [V]
-        child, target = _verify_children(children, tokens, target, q, with_replacement, rng)
+        law = q[node + 1].float() if q is not None else torch.zeros_like(target)  # [V]
+        child, target = _verify_children(children, tokens, target, law, with_replacement, rng)
         if child is None:
             return Outcome(tuple(accepted), rng.sample(target))  # correction
         accepted.append(child)
@@ -129,17 +124,15 @@ def verify_tree(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q_ids: torch.
 
 
 def verify_batch(trees: Sequence[Tree], tokens: Sequence[torch.Tensor] | torch.Tensor,
-                 p: Sequence[torch.Tensor] | torch.Tensor, q_ids: Sequence[torch.Tensor] | torch.Tensor,
-                 q_probs: Sequence[torch.Tensor] | torch.Tensor, with_replacement: bool,
-                 rngs: Sequence[Rng]) -> list[Outcome]:
+                 p: Sequence[torch.Tensor] | torch.Tensor, q: Sequence[torch.Tensor | None] | torch.Tensor,
+                 with_replacement: bool, rngs: Sequence[Rng]) -> list[Outcome]:
     """verify_tree for each sequence b; every argument is indexed by b.
 
-    Lists of per-sequence tensors or padded tensors: tokens # [B, N_max], p # [B, 1+N_max, V],
-    q_ids, q_probs # [B, 1+N_max, Nq]; sequence b reads only the rows of its own tree."""
-    if not len(trees) == len(tokens) == len(p) == len(q_ids) == len(q_probs) == len(rngs):
-        raise ValueError("verify_batch needs one tree, token row, p, q_ids, q_probs and rng per sequence")
-    return [verify_tree(trees[b], tokens[b], p[b], q_ids[b], q_probs[b], with_replacement, rngs[b])
-            for b in range(len(trees))]
+    Lists of per-sequence tensors or padded tensors: tokens # [B, N_max], p, q # [B, 1+N_max, V];
+    sequence b reads only the rows of its own tree."""
+    if not len(trees) == len(tokens) == len(p) == len(q) == len(rngs):
+        raise ValueError("verify_batch needs one tree, token row, p, q and rng per sequence")
+    return [verify_tree(trees[b], tokens[b], p[b], q[b], with_replacement, rngs[b]) for b in range(len(trees))]
 
 
 def accepted_per_position(outcomes: Sequence[Outcome], depth: int) -> list[int]:

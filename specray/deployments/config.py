@@ -32,8 +32,7 @@ class AppConfig:
     the branching a tree request gets when it names none. max_context: KV rows per slot (None: the
     target's max_position_embeddings). max_waiting: requests queued per replica beyond the running
     batch; past it a request gets RESOURCE_EXHAUSTED. transport: how a step reaches the replica's
-    actors, `graph` (compiled Ray graph) or `calls` (actor calls). top_n: the width of the draft's
-    law shipped per tree node. *_cpus / *_gpus: each actor's bundle (CPUs are
+    actors, `graph` (compiled Ray graph) or `calls` (actor calls). *_cpus / *_gpus: each actor's bundle (CPUs are
     also its torch threads). Autoscaling: min/max/initial replicas, target ongoing requests per
     replica (None: max_batch), up/downscale delays, the window over which load is averaged (longer than the
     interval at which replicas report it)."""
@@ -44,7 +43,6 @@ class AppConfig:
     device: str = "auto"
     num_target_stages: int = 1
     transport: str = EngineConfig.transport
-    top_n: int = EngineConfig.top_n
     layer_split: tuple[int, ...] = ()
     max_batch: int = 8
     max_context: int | None = None
@@ -124,7 +122,6 @@ class AppConfig:
             target=self.target, draft=self.draft, dtype=self.dtype, device=self.device,
             num_target_stages=self.num_target_stages, layer_split=self.layer_split, max_batch=self.max_batch,
             max_context=max_context, spec=self.default_speculation, kind="ray", transport=self.transport,
-            top_n=self.top_n,
             tokenizer=self.tokenizer,
             draft_resources=ActorResources(self.draft_cpus, self.draft_gpus),
             stage_resources=ActorResources(self.stage_cpus, self.stage_gpus))

@@ -95,9 +95,8 @@ class Engine:
         if spec.mode != "off" and cfg.draft is None:
             raise ValueError(f"mode {spec.mode!r} needs a draft model and this engine has none; "
                              "use mode 'off'")
-        if max(spec.branching, default=1) > cfg.top_n:
-            raise ValueError(f"branching {list(spec.branching)} is wider than the draft law width "
-                             f"{cfg.top_n}")
+        if self.vocab_size is not None and max(spec.branching, default=1) > self.vocab_size:
+            raise ValueError(f"branching {list(spec.branching)} is wider than the vocabulary ({self.vocab_size})")
         need = len(req.prompt_ids) + req.max_tokens + spec.draft_rows
         if need > cfg.max_context:
             raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) + one "

@@ -86,7 +86,6 @@ class EngineConfig:
     max_context: int = 2048
     spec: SpeculationConfig = field(default_factory=SpeculationConfig)
     auto_backup_batch: int = 2
-    top_n: int = 8
     kind: str = "local"
     transport: str = "graph"
     tokenizer: str | None = None  # None: the target's
@@ -108,8 +107,6 @@ class EngineConfig:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
         if self.auto_backup_batch < 1:
             raise ValueError(f"auto_backup_batch must be >= 1, got {self.auto_backup_batch}")
-        if self.top_n < 1:
-            raise ValueError(f"top_n must be >= 1, got {self.top_n}")
         if self.kind not in KINDS:
             raise ValueError(f"engine kind must be one of {KINDS}, got {self.kind!r}")
         if self.transport not in TRANSPORTS:

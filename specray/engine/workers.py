@@ -100,7 +100,7 @@ class Workers:
 def _draft_kwargs(config: EngineConfig, num_threads: float | None) -> dict:
     return {"path": config.draft or config.target, "num_slots": config.max_batch,
             "max_len": config.max_context, "dtype": config.dtype, "device": config.device,
-            "num_threads": num_threads, "top_n": config.top_n, "auto_backup_batch": config.auto_backup_batch,
+            "num_threads": num_threads, "auto_backup_batch": config.auto_backup_batch,
             "stand_in": config.draft is None}
 
 
@@ -112,7 +112,7 @@ def _device_hidden(config: EngineConfig) -> bool:
 def _stage_kwargs(config: EngineConfig, layers: tuple[int, int], num_threads: float | None) -> dict:
     return {"path": config.target, "start": layers[0], "stop": layers[1], "num_slots": config.max_batch,
             "max_len": config.max_context, "dtype": config.dtype, "device": config.device,
-            "num_threads": num_threads, "device_hidden": _device_hidden(config)}
+            "num_threads": num_threads, "device_hidden": _device_hidden(config), "draft": config.draft}
 
 
 class LocalWorkers(Workers):

@@ -296,7 +296,7 @@ def test_bad_requests_are_refused(local_engine, pair3, prompts):
     with pytest.raises(ValueError, match="vocabulary"):
         run(first(EngineRequest("a", [VOCAB])))
     with pytest.raises(ValueError, match="wider"):
-        run(first(EngineRequest("a", [1], spec=SpeculationConfig("tree", 1, (9,)))))
+        run(first(EngineRequest("a", [1], spec=SpeculationConfig("tree", 1, (VOCAB + 1,)))))
     no_tok = Engine(local_engine.workers, local_engine.config)
     with pytest.raises(ValueError, match="tokenizer"):
         run(first(EngineRequest("a", [1], stop=("x",)), no_tok))

@@ -109,9 +109,11 @@ def chi2_pvalue(samples, law) -> float:
 
 SAMPLED = [
     (SpeculationConfig("chain", 2), SamplingParams(1.0)),
+    (SpeculationConfig("chain", 3), SamplingParams(1.0, top_k=3)),
     (SpeculationConfig("tree", 2, (2, 2)), SamplingParams(0.8, top_p=0.9)),
     (SpeculationConfig("tree", 2, (3, 1), with_replacement=True), SamplingParams(1.0)),
     (SpeculationConfig("off"), SamplingParams(1.0, top_k=5)),
+    (SpeculationConfig("async", 2), SamplingParams(1.0)),
     (SpeculationConfig("async", 2, saguaro_c=0.5), SamplingParams(1.0)),
     (SpeculationConfig("async", 2, fan_out=(1, 0, 0), backup="fast"), SamplingParams(1.0)),
     (SpeculationConfig("async", 2, fan_out=(0, 1, 0), backup="neural"), SamplingParams(0.7, top_p=0.9)),

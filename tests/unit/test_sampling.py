@@ -1,5 +1,5 @@
 """Sampling: parameter validation, temperature / top-k / top-p against hand-computed cases, the
-draft's compact law, the order and law of drawn children, and reproducible generators."""
+draft's law (with Saguaro's weighting), the order and law of drawn children, and reproducible generators."""
 import itertools
 import math
 
@@ -14,6 +14,7 @@ from specray.core.sampling import (
     make_generator,
     sample,
     target_probs,
+    top_ids,
 )
 
 BASE = [0.1, 0.2, 0.3, 0.4]
@@ -73,70 +74,79 @@ def test_target_probs_mixed_batch_matches_rows_one_by_one():
 
 
 def test_greedy_ties_break_to_lower_id_in_both_laws():
-    logits = torch.tensor([0.0, 2.0, 1.0, 2.0])[None, None]  # [1, 1, 4]
-    assert probs_of(SamplingParams(), logits[0, 0]).tolist() == [0, 1, 0, 0]
-    ids, probs = draft_law(logits, [SamplingParams()], 3)
-    assert ids[0, 0].tolist() == [1, 3, 2] and probs[0, 0].tolist() == [1, 0, 0]
+    logits = torch.tensor([0.0, 2.0, 1.0, 2.0])
+    assert probs_of(SamplingParams(), logits).tolist() == [0, 1, 0, 0]
+    assert draft_law(logits[None], [SamplingParams()], [0], [1.0])[0].tolist() == [0, 1, 0, 0]
+    assert top_ids(logits[None], 3)[0].tolist() == [1, 3, 2]
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_draft_law_ids_equal_the_stable_full_sort_ties_included(seed):
-    """The draft law's top-k shortcut ranks exactly as a stable descending sort of all V logits:
-    integer-valued logits force ties inside the top N and across its boundary."""
+def test_top_ids_equal_the_stable_full_sort_ties_included(seed):
+    """top_ids' top-k shortcut ranks exactly as a stable descending sort of all V logits: integer-valued
+    logits force ties inside the top n and across its boundary."""
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randint(0, 6, (3, 2, 40), generator=g).float()  # [B, n, V], many ties
-    ids, _ = draft_law(logits, [SamplingParams()] * 3, 8)
-    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :8]
-    assert torch.equal(ids, order)
-    inner = torch.tensor([9., 9, 8, 8, 8, 7, 7, 6] + [0.] * 32)[torch.randperm(40, generator=g)][None, None]
-    ids, _ = draft_law(inner, [SamplingParams(1.0)], 8)  # ties only inside the top 8: no fallback
-    assert torch.equal(ids, torch.sort(inner, dim=-1, descending=True, stable=True).indices[..., :8])
+    logits = torch.randint(0, 6, (6, 40), generator=g).float()  # [M, V], many ties
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :8]
+    assert torch.equal(top_ids(logits, 8), order)
+    inner = torch.tensor([9., 9, 8, 8, 8, 7, 7, 6] + [0.] * 32)[torch.randperm(40, generator=g)][None]
+    assert torch.equal(top_ids(inner, 8),  # ties only inside the top 8: no fallback
+                       torch.sort(inner, dim=-1, descending=True, stable=True).indices[:, :8])
+    assert top_ids(inner, 100).shape == (1, 40)  # never more than V
 
 
-def test_draft_law_restricts_and_renormalises():
-    logits = torch.tensor([0.1, 0.05, 0.2, 0.25, 0.4]).log()[None, None]  # [1, 1, 5]
-    ids, probs = draft_law(logits, [SamplingParams(1.0)], 3)
-    assert ids[0, 0].tolist() == [4, 3, 2] and ids.dtype == torch.int64
-    torch.testing.assert_close(probs[0, 0], torch.tensor([0.4, 0.25, 0.2]) / 0.85)
-    # top-p 0.5 keeps {0.4, 0.25} of the full law; the third id gets 0
-    ids, probs = draft_law(logits, [SamplingParams(1.0, top_p=0.5)], 3)
-    torch.testing.assert_close(probs[0, 0], torch.tensor([0.4, 0.25, 0.0]) / 0.65)
-    with pytest.raises(ValueError, match="top_n"):
-        draft_law(logits, [SamplingParams(1.0)], 6)
-
-
-def test_draft_law_matches_target_probs_on_its_support():
+def test_draft_law_is_the_processed_full_law():
+    """No truncation beyond the request's own: the draft's law is target_probs of its logits, top-k
+    and top-p included, over the whole vocabulary."""
     g = torch.Generator().manual_seed(1)
-    logits = torch.randn(2, 4, 50, generator=g)  # [B, n, V]
-    params = [SamplingParams(0.8, top_k=20, top_p=0.9), SamplingParams(1.5)]
-    ids, probs = draft_law(logits, params, 8)  # [B, n, 8]
-    full = target_probs(logits, params).gather(-1, ids)  # [B, n, 8]
-    torch.testing.assert_close(probs, full / full.sum(-1, keepdim=True))
-    assert torch.equal(ids, logits.topk(8, dim=-1).indices)
+    logits = torch.randn(8, 50, generator=g)  # [R, V]
+    params = [SamplingParams(0.8, top_k=20, top_p=0.9)] * 4 + [SamplingParams(1.5)] * 3 + [SamplingParams()]
+    got = draft_law(logits, params, [0] * 8, [1.0] * 8)
+    torch.testing.assert_close(got, target_probs(logits[:, None], params)[:, 0])
+    assert (got[4:7] > 0).all()  # the plain rows keep every token
+
+
+def test_saguaro_scales_the_top_f_against_the_full_law():
+    logits = torch.tensor([0.1, 0.05, 0.2, 0.25, 0.4]).log()  # [V]: at T=1 the law is these numbers
+    base = torch.tensor([0.1, 0.05, 0.2, 0.25, 0.4])
+    got = draft_law(logits[None], [SamplingParams(1.0)], [2], [0.5])[0]
+    want = base * torch.tensor([1, 1, 1, 0.5, 0.5])  # ids 4 and 3 are the two highest logits
+    torch.testing.assert_close(got, want / want.sum())
+    # F = 4 of 5: still acts (the one unguessed-to-be token gains), and F >= V changes nothing
+    got = draft_law(logits[None], [SamplingParams(1.0)], [4], [0.5])[0]
+    assert got[1] > base[1] and got[4] < base[4]
+    torch.testing.assert_close(draft_law(logits[None], [SamplingParams(1.0)], [5], [0.5])[0], base)
+    # rows with fan 0, c = 1 or a greedy request are unchanged; mixed rows are weighted row by row
+    rows = draft_law(logits.expand(3, 5), [SamplingParams(1.0), SamplingParams(1.0), SamplingParams()],
+                     [0, 1, 2], [0.5, 0.2, 0.2])
+    torch.testing.assert_close(rows[0], base)
+    assert rows[1, 4] < base[4] and rows[1, 3] > base[3]
+    assert rows[2].tolist() == [0, 0, 0, 0, 1]
 
 
 def test_draw_children_order_and_exhaustion():
-    ids = torch.tensor([7, 3, 9, 5])
-    greedy = torch.tensor([1.0, 0, 0, 0])
+    ranked = torch.tensor([7, 3, 9, 5])  # by descending draft logit
+    greedy = torch.zeros(10)
+    greedy[7] = 1
     g = make_generator(0, "draft")
-    assert draw_children(ids, greedy, 3, False, g) == [7, 3, 9]  # deterministic candidates in id order
-    assert draw_children(ids, greedy, 3, True, g) == [7, 7, 7]
-    top_p = torch.tensor([0.6, 0.4, 0, 0])
-    seen = {tuple(draw_children(ids, top_p, 4, False, g)) for _ in range(50)}
+    assert draw_children(greedy, ranked, 3, False, g) == [7, 3, 9]  # deterministic candidates in rank order
+    assert draw_children(greedy, ranked, 3, True, g) == [7, 7, 7]
+    top_p = torch.zeros(10)
+    top_p[7], top_p[3] = 0.6, 0.4
+    seen = {tuple(draw_children(top_p, ranked, 4, False, g)) for _ in range(50)}
     assert seen == {(7, 3, 9, 5), (3, 7, 9, 5)}
     with pytest.raises(ValueError, match="children"):
-        draw_children(ids, top_p, 5, False, g)
+        draw_children(top_p, ranked, 11, False, g)
 
 
 def test_draw_children_without_replacement_follows_the_sequential_law():
     law = [0.5, 0.3, 0.2]
-    ids, probs = torch.tensor([0, 1, 2]), torch.tensor(law)
+    ids, probs = torch.tensor([0, 1, 2]), torch.tensor(law)  # ids: the ranked ids (never reached here)
     g = make_generator(3, "draft")
     pairs = list(itertools.permutations(range(3), 2))
     counts = dict.fromkeys(pairs, 0)
     n = 6000
     for _ in range(n):
-        counts[tuple(draw_children(ids, probs, 2, False, g))] += 1
+        counts[tuple(draw_children(probs, ids, 2, False, g))] += 1
     expected = [n * law[a] * law[b] / (1 - law[a]) for a, b in pairs]
     assert stats.chisquare([counts[pr] for pr in pairs], expected).pvalue > 1e-3
 

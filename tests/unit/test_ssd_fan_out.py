@@ -8,9 +8,9 @@ import torch
 
 from specray.core.drafter import Drafter
 from specray.core.loader import load_shard
-from specray.core.sampling import SamplingParams
+from specray.core.sampling import SamplingParams, draft_law
 from specray.core.speculation import SpeculationConfig
-from specray.core.ssd import geometric_fan_out, saguaro
+from specray.core.ssd import geometric_fan_out
 from specray.core.step import Admission, Work
 
 
@@ -31,24 +31,25 @@ def test_low_acceptance_no_longer_asks_for_more_guesses_than_exist():
 
 def test_saguaro_acts_at_a_capped_position():
     probs = torch.tensor([[0.5, 0.2, 0.2, 0.1]])
-    weighted = saguaro(probs, [geometric_fan_out(1, 0.0, 8, 4)[0]], [0.5])  # F_0 = 3 of 4
+    logits, params = probs.log(), [SamplingParams(1.0)]
+    weighted = draft_law(logits, params, [geometric_fan_out(1, 0.0, 8, 4)[0]], [0.5])  # F_0 = 3 of V = 4
     assert weighted.sum().item() == pytest.approx(1)
     assert weighted[0, 3] > probs[0, 3]  # mass moved onto the one unguessed candidate
-    assert torch.equal(saguaro(probs, [4], [0.5]), probs / probs.sum())  # F = width: nothing to move to
+    torch.testing.assert_close(draft_law(logits, params, [4], [0.5]), probs)  # F = V: nothing to move to
 
 
 def test_one_fan_out_per_speculation(tiny_pair):
     """The guesses made while a speculation is verified follow the fan-out its laws were weighted
     for, even when the live acceptance (and so the next fan-out) changes in between."""
-    drafter = Drafter(load_shard(tiny_pair[1]), 1, 128, top_n=8)
+    drafter = Drafter(load_shard(tiny_pair[1]), 1, 128)
     spec = SpeculationConfig("async", 4, saguaro_c=0.5)
     sent = drafter.propose(Work(add=(Admission("a", (5, 17, 3), SamplingParams(1.0, seed=1), spec),), rids=("a",)))
     fan = sent[0].fan_out
-    assert fan == geometric_fan_out(4, 0.5, spec.branch_budget, 8)
+    assert fan == geometric_fan_out(4, 0.5, spec.branch_budget, drafter.vocab)
     seq = drafter.seqs["a"]
     seq.accepted, seq.drafted = 0, 40  # acceptance collapses before the preparation
     drafter.prepare(Work(rids=("a",)))
     guesses = [pos for pos, _ in seq.cache.keys]
     assert [guesses.count(pos) for pos in range(5)] == list(fan)
-    assert all(branch.fan_out == geometric_fan_out(4, 1 / 42, spec.branch_budget, 8)
+    assert all(branch.fan_out == geometric_fan_out(4, 1 / 42, spec.branch_budget, drafter.vocab)
                for branch in seq.cache.branches)  # the next round's speculations carry the new one

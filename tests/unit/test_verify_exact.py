@@ -1,7 +1,7 @@
 """Exact verification of chains and trees, checked by enumeration on a 6-token vocabulary.
 
 One round: the draft draws a tree from its law at each node (draft_law, then the draw law of
-draw_children), the target verifies it (verify_tree). The enumerating rng below visits every draft
+draw_children; a greedy draft's children are point masses and it ships no law), the target verifies it (verify_tree). The enumerating rng below visits every draft
 draw, every accept/reject branch and every correction/bonus token, each weighted by its exact
 probability. Extend each round's output with tokens from the target's exact conditionals up to
 D+1 tokens (D = tree depth): that law must equal the target's joint law of D+1 tokens."""
@@ -17,7 +17,14 @@ import torch
 from scipy import stats
 
 from specray.core import verify
-from specray.core.sampling import SamplingParams, draft_law, draw_children, make_generator, target_probs
+from specray.core.sampling import (
+    SamplingParams,
+    draft_law,
+    draw_children,
+    make_generator,
+    target_probs,
+    top_ids,
+)
 from specray.core.tree import Tree
 from specray.core.verify import Outcome, TorchRng, accepted_per_position, verify_batch, verify_tree
 
@@ -53,17 +60,26 @@ def p_row(model: Model, prefix: tuple[int, ...]) -> torch.Tensor:
 
 
 @cache
-def q_row(model: Model, prefix: tuple[int, ...], top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids, probs # [top_n]: the draft's compact law after prefix."""
-    ids, probs = draft_law(logits_at(model.seed, model.like, prefix)[None, None], [model.params], top_n)
-    return ids[0, 0], probs[0, 0]
+def q_row(model: Model, prefix: tuple[int, ...]) -> torch.Tensor:
+    """# [V] the draft's law after prefix."""
+    return draft_law(logits_at(model.seed, model.like, prefix)[None], [model.params], [0], [1.0])[0]
+
+
+@cache
+def ranked(model: Model, prefix: tuple[int, ...]) -> torch.Tensor:
+    """# [V] the draft's ids by descending logit after prefix."""
+    return top_ids(logits_at(model.seed, model.like, prefix)[None], V)[0]
+
+
+def q_rows(model: Model, rows: list[tuple[int, ...]]) -> torch.Tensor | None:
+    """# [len(rows), V] the laws verification is given, None for a greedy draft (point masses)."""
+    return None if model.params.greedy else torch.stack([q_row(model, r) for r in rows])
 
 
 @dataclass(frozen=True)
 class Case:
     target: Model
     draft: Model
-    top_n: int
     claimed: Model | None = None  # the law verification is told (default: the draft's own)
     sort_children: bool = False  # a broken variant: siblings sorted by draft probability
 
@@ -124,7 +140,8 @@ def play_round(rng: EnumRng, case: Case, tree: Tree, with_replacement: bool) -> 
     for parent in range(-1, tree.num_nodes):
         children = tree.children(parent)
         if children:
-            ids, probs = q_row(case.draft, prefix(parent), case.top_n)
+            ids = ranked(case.draft, prefix(parent))
+            probs = q_row(case.draft, prefix(parent))[ids]
             drawn = rng.draw(ids.tolist(), probs.tolist(), len(children), with_replacement)
             if case.sort_children:
                 drawn.sort(key=lambda t: -float(probs[ids.tolist().index(t)]))
@@ -132,9 +149,8 @@ def play_round(rng: EnumRng, case: Case, tree: Tree, with_replacement: bool) -> 
                 tokens[child] = token
     rows = [prefix(j) for j in range(-1, tree.num_nodes)]
     p = torch.stack([p_row(case.target, r) for r in rows])  # [1+N, V]
-    laws = [q_row(case.claimed or case.draft, r, case.top_n) for r in rows]
-    q_ids, q_probs = torch.stack([ids for ids, _ in laws]), torch.stack([pr for _, pr in laws])  # [1+N, Nq]
-    outcome = verify_tree(tree, torch.tensor(tokens), p, q_ids, q_probs, with_replacement, rng)
+    q = q_rows(case.claimed or case.draft, rows)  # [1+N, V] or None
+    outcome = verify_tree(tree, torch.tensor(tokens), p, q, with_replacement, rng)
     return tuple(tokens[a] for a in outcome.accepted) + (outcome.token,)
 
 
@@ -155,6 +171,15 @@ def extended_law(runs, target: Model, length: int) -> dict[tuple[int, ...], floa
     return law
 
 
+def bounded(case: Case, branching: tuple[int, ...]) -> Case:
+    """Trees enumerate a sampled draft truncated by its own top-k of 3 (V-wide draws at every node
+    take minutes to enumerate); chains enumerate the draft's full law."""
+    draft = case.draft.params
+    if branching == (1,) * len(branching) or draft.greedy or draft.top_k:
+        return case
+    return replace(case, draft=replace(case.draft, params=replace(draft, top_k=3)))
+
+
 def deviation(case: Case, branching: tuple[int, ...], with_replacement: bool) -> float:
     """Max |P_round(y) - P_target(y)| over sequences y of depth+1 tokens."""
     tree = Tree.from_branching(branching)
@@ -166,12 +191,13 @@ def deviation(case: Case, branching: tuple[int, ...], with_replacement: bool) ->
 
 
 CASES = {
-    "sampled": Case(Model(1, SamplingParams(1.0)), Model(2, SamplingParams(1.0), like=1), 3),
-    "unrelated_draft": Case(Model(3, SamplingParams(1.0)), Model(4, SamplingParams(1.0)), 3),
-    "temperature_top_p": Case(Model(5, SamplingParams(0.7, top_p=0.8)), Model(6, SamplingParams(1.3, top_p=0.9), like=5), 3),
-    "greedy_draft": Case(Model(7, SamplingParams(1.0, top_k=4)), Model(8, SamplingParams(0.0), like=7), 3),
-    "exhausting_top_p": Case(Model(9, SamplingParams(0.9)), Model(10, SamplingParams(0.8, top_p=0.5), like=9), 3),
-    "greedy_target": Case(Model(11, SamplingParams(0.0)), Model(12, SamplingParams(1.0), like=11), 3),
+    "sampled": Case(Model(1, SamplingParams(1.0)), Model(2, SamplingParams(1.0), like=1)),
+    "unrelated_draft": Case(Model(3, SamplingParams(1.0)), Model(4, SamplingParams(1.0))),
+    "temperature_top_p": Case(Model(5, SamplingParams(0.7, top_p=0.8)), Model(6, SamplingParams(1.3, top_p=0.9), like=5)),
+    "greedy_draft": Case(Model(7, SamplingParams(1.0, top_k=4)), Model(8, SamplingParams(0.0), like=7)),
+    "exhausting_top_p": Case(Model(9, SamplingParams(0.9)), Model(10, SamplingParams(0.8, top_p=0.5), like=9)),
+    "exhausting_top_k": Case(Model(17, SamplingParams(1.0)), Model(18, SamplingParams(1.2, top_k=2), like=17)),
+    "greedy_target": Case(Model(11, SamplingParams(0.0)), Model(12, SamplingParams(1.0), like=11)),
 }
 
 
@@ -179,10 +205,7 @@ CASES = {
 @pytest.mark.parametrize("branching", [(1, 1), (2, 2), (3, 1)])
 @pytest.mark.parametrize("name", list(CASES))
 def test_round_has_the_target_law(name, branching, with_replacement):
-    case = CASES[name]
-    if branching == (1, 1):
-        case = replace(case, top_n=V)  # a chain with the draft's full support
-    assert deviation(case, branching, with_replacement) < 1e-6
+    assert deviation(bounded(CASES[name], branching), branching, with_replacement) < 1e-6
 
 
 @pytest.mark.parametrize("with_replacement", [False, True], ids=["without", "with"])
@@ -190,7 +213,7 @@ def test_round_has_the_target_law(name, branching, with_replacement):
 @pytest.mark.parametrize("draft_temperature", [0.0, 1.0])
 def test_greedy_target_emits_its_greedy_continuation(branching, with_replacement, draft_temperature):
     target = Model(13, SamplingParams(0.0))
-    case = Case(target, Model(14, SamplingParams(draft_temperature), like=13), 3)
+    case = bounded(Case(target, Model(14, SamplingParams(draft_temperature), like=13)), branching)
     greedy: tuple[int, ...] = ()
     for _ in range(len(branching) + 1):
         greedy += (int(p_row(target, greedy).argmax()),)
@@ -203,18 +226,18 @@ def test_greedy_target_emits_its_greedy_continuation(branching, with_replacement
 
 
 @pytest.mark.parametrize("broken, branching", [
-    ("skip_residual", (2, 2)), ("sort_children", (3, 1)), ("softmax_over_top_n_as_q", (2, 2)),
+    ("skip_residual", (2, 2)), ("sort_children", (3, 1)), ("sampled_q_for_deterministic_candidates", (2, 2)),
     ("no_removal_without_replacement", (2, 2)),
 ])
 def test_enumeration_detects_a_broken_rule(monkeypatch, broken, branching):
-    case = CASES["sampled"]
+    case = bounded(CASES["sampled"], branching)
     if broken == "skip_residual":
         monkeypatch.setattr(verify, "_residual", lambda p, q: p)
     elif broken == "no_removal_without_replacement":
         monkeypatch.setattr(verify, "_without", lambda q, token: q)
     elif broken == "sort_children":
         case = replace(case, sort_children=True)
-    else:  # deterministic top-N candidates verified as if drawn from the draft's renormalised top-N
+    else:  # a greedy draft's deterministic candidates verified as if drawn from its sampled law
         case = replace(case, draft=replace(case.draft, params=SamplingParams(0.0)), claimed=case.draft)
     assert deviation(case, branching, with_replacement=False) > 1e-3
 
@@ -235,43 +258,39 @@ def test_no_nan_when_p_equals_q(with_replacement):
     model = Model(15, SamplingParams(1.0))
     tree = Tree.from_branching((2,))
     p = p_row(model, ())[None]  # [1, V]
-    ids, probs = q_row(model, (), V)
-    tokens = ids[:2]  # [2]
-    out = verify_tree(tree, tokens, torch.cat([p, p, p]), ids.expand(3, V), probs.expand(3, V), with_replacement,
+    tokens = ranked(model, ())[:2]  # [2]
+    out = verify_tree(tree, tokens, torch.cat([p, p, p]), q_row(model, ()).expand(3, V), with_replacement,
                       RejectAll())
     assert out == Outcome((), out.token) and 0 <= out.token < V
     torch.testing.assert_close(verify._residual(p[0], p[0]), p[0])
 
 
-def test_hand_cases_greedy():
-    """One-hot p and q: decisions are certain, so any generator gives the same outcome."""
+@pytest.mark.parametrize("q", ["none", "one_hot"])
+def test_hand_cases_greedy(q):
+    """One-hot p and a greedy draft (no law shipped, or a one-hot law): decisions are certain, so any
+    generator gives the same outcome."""
     one_hot = lambda t: torch.nn.functional.one_hot(torch.tensor(t), V).float()
     rng = TorchRng(make_generator(0, "target"))
-    q_ids, q_probs = torch.arange(V).expand(4, V), torch.zeros(4, V)  # [4, V]: q = δ(0) everywhere
-    q_probs[:, 0] = 1
     chain = Tree.chain(3)
+    laws = lambda tokens: None if q == "none" else torch.stack([one_hot(t) for t in tokens])  # [rows, V]
     p = torch.stack([one_hot(t) for t in (2, 4, 1, 5)])  # [4, V] target argmax per row
-    assert verify_tree(chain, torch.tensor([2, 4, 1]), p, q_ids, q_probs, False, rng) == Outcome((0, 1, 2), 5)
-    assert verify_tree(chain, torch.tensor([2, 3, 1]), p, q_ids, q_probs, False, rng) == Outcome((0,), 4)
-    assert verify_tree(chain, torch.tensor([0, 4, 1]), p, q_ids, q_probs, False, rng) == Outcome((), 2)
+    for tokens, want in (([2, 4, 1], Outcome((0, 1, 2), 5)), ([2, 3, 1], Outcome((0,), 4)), ([0, 4, 1], Outcome((), 2))):
+        assert verify_tree(chain, torch.tensor(tokens), p, laws(tokens + [0]), False, rng) == want
     fan = Tree.from_branching((3, 1))  # children 0, 1, 2 of the root; node 3+i under node i
-    tokens = torch.tensor([0, 3, 2, 1, 1, 4])  # root children: 0 (drawn), 3 and 2 (deterministic)
+    tokens = [0, 3, 2, 1, 1, 4]  # root children: 0 (drawn), 3 and 2 (deterministic)
     p = torch.stack([one_hot(t) for t in (2, 0, 0, 4, 0, 0, 0)])  # [7, V]
-    assert verify_tree(fan, tokens, p, q_ids[:1].expand(7, V), q_probs[:1].expand(7, V), False, rng) == \
-        Outcome((2, 5), 0)
+    assert verify_tree(fan, torch.tensor(tokens), p, laws([0, 1, 1, 4, 0, 0, 0]), False, rng) == Outcome((2, 5), 0)
 
 
 def test_verify_batch_and_accepted_per_position():
     case = CASES["sampled"]
     tree = Tree.from_branching((2, 2))
     p = torch.stack([p_row(case.target, ())] * 7)  # [7, V]
-    ids, probs = q_row(case.draft, (), V)
-    q_ids, q_probs = ids.expand(7, V), probs.expand(7, V)  # [7, V]
+    q = q_row(case.draft, ()).expand(7, V)  # [7, V]
     tokens = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])  # [B, N]
     rngs = lambda: [TorchRng(make_generator(b, "target")) for b in range(2)]
-    got = verify_batch([tree, tree], tokens, p.expand(2, 7, V), q_ids.expand(2, 7, V), q_probs.expand(2, 7, V),
-                       False, rngs())
-    want = [verify_tree(tree, tokens[b], p, q_ids, q_probs, False, r) for b, r in enumerate(rngs())]
+    got = verify_batch([tree, tree], tokens, p.expand(2, 7, V), q.expand(2, 7, V), False, rngs())
+    want = [verify_tree(tree, tokens[b], p, q, False, r) for b, r in enumerate(rngs())]
     assert got == want
     outcomes = [Outcome((), 1), Outcome((0,), 2), Outcome((1, 4), 3), Outcome((0, 2), 0)]
     assert accepted_per_position(outcomes, 2) == [3, 2]
@@ -280,20 +299,19 @@ def test_verify_batch_and_accepted_per_position():
 
 
 def test_monte_carlo_first_token_of_a_tree_without_replacement():
-    case = replace(CASES["sampled"], top_n=V)
+    case = CASES["sampled"]
     tree = Tree.from_branching((2, 2))
     draft_gen, rng = make_generator(7, "draft"), TorchRng(make_generator(7, "target"))
     counts = [0] * V
     n = 10_000
+    draw = lambda prefix: draw_children(q_row(case.draft, prefix), ranked(case.draft, prefix), 2, False, draft_gen)
     for _ in range(n):
-        tokens = draw_children(*q_row(case.draft, (), V), 2, False, draft_gen)
+        tokens = draw(())
         for a in range(2):
-            tokens += draw_children(*q_row(case.draft, (tokens[a],), V), 2, False, draft_gen)
+            tokens += draw((tokens[a],))
         rows = [()] + [tuple(tokens[a] for a in tree.path(j)) for j in range(tree.num_nodes)]
         p = torch.stack([p_row(case.target, r) for r in rows])  # [7, V]
-        laws = [q_row(case.draft, r, V) for r in rows]
-        q_ids, q_probs = torch.stack([i for i, _ in laws]), torch.stack([pr for _, pr in laws])  # [7, V]
-        out = verify_tree(tree, torch.tensor(tokens), p, q_ids, q_probs, False, rng)
+        out = verify_tree(tree, torch.tensor(tokens), p, q_rows(case.draft, rows), False, rng)
         counts[tokens[out.accepted[0]] if out.accepted else out.token] += 1
     want = p_row(case.target, ()).double()
     assert stats.chisquare(counts, (want / want.sum() * n).tolist()).pvalue > 1e-3
