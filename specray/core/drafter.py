@@ -11,7 +11,7 @@ drafts the next round for the likely outcomes; `commit` looks the real outcome u
 serves a hit at once or falls back to a backup. Knows nothing of Ray."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,7 +19,7 @@ from specray.core.batch import Rows, causal_rows, pack
 from specray.core.model import Shard
 from specray.core.sampling import SamplingParams, draft_law, draw_children, make_generator, top_ids
 from specray.core.speculation import Speculation, SpeculationConfig
-from specray.core.ssd import SpeculationCache, geometric_fan_out, likely_outcomes
+from specray.core.ssd import SpeculationCache, geometric_fan_out, likely_outcomes, outcome_law
 from specray.core.step import Work
 from specray.core.tree import Tree
 from specray.core.verify import Outcome
@@ -40,6 +40,8 @@ class DraftSeq:
     lookup: str | None = None              # SSD: "hit" / "miss" for the last outcome, None if no cache
     accepted: int = 0
     drafted: int = 0
+    reached: list[int] = field(default_factory=list)  # SSD: per draft position, rounds that reached it
+    passed: list[int] = field(default_factory=list)   # ... and accepted its token (ssd.outcome_law)
 
 
 class Drafter:
@@ -58,7 +60,9 @@ class Drafter:
         if max(spec.branching, default=1) > self.vocab:
             raise ValueError(f"branching {list(spec.branching)} is wider than the vocabulary ({self.vocab})")
         slot = self.cache.allocate() if spec.mode != "off" else None
-        self.seqs[rid] = DraftSeq(list(prompt), params, spec, make_generator(params.seed, "draft"), slot)
+        k = spec.num_speculative_tokens if spec.mode == "async" else 0
+        self.seqs[rid] = DraftSeq(list(prompt), params, spec, make_generator(params.seed, "draft"), slot,
+                                  reached=[0] * k, passed=[0] * k)
         if slot is not None:
             for i in range(0, len(prompt) - 1, self.prefill_chunk):
                 self._forward([slot], [causal_rows(prompt[i:min(i + self.prefill_chunk, len(prompt) - 1)], i)])
@@ -232,7 +236,7 @@ class Drafter:
             rest = 1 - sum(float(w) for t, w in zip(ids.tolist(), probs) if t == drafted)  # renormalise without it
             candidates.append([(t, float(w) / max(rest, 1e-9)) for t, w in zip(ids.tolist(), probs) if t != drafted])
         if self._by_likelihood(seq):
-            outcomes = likely_outcomes((seq.accepted + 1) / (seq.drafted + 2), candidates, seq.spec.branch_budget)
+            outcomes = likely_outcomes(outcome_law(seq.passed, seq.reached), candidates, seq.spec.branch_budget)
         else:  # the fan-out its own laws were weighted for
             outcomes = [(pos, t) for pos, fan in enumerate(last.fan_out) for t, _ in candidates[pos][:fan]]
         keys = {outcome: i for i, outcome in enumerate(outcomes)}
@@ -259,6 +263,9 @@ class Drafter:
             seq = self.seqs[rid]
             tree, a = seq.last.tree, out.num_accepted
             seq.accepted, seq.drafted = seq.accepted + a, seq.drafted + tree.depth
+            if tree.depth == len(seq.reached):  # an SSD chain (not a fast backup's empty round)
+                for j in range(min(a + 1, tree.depth)):
+                    seq.reached[j], seq.passed[j] = seq.reached[j] + 1, seq.passed[j] + (j < a)
             seq.tokens += [seq.last.tokens[j] for j in out.accepted] + [out.token]
             cache, seq.cache = seq.cache, None
             branch = cache.lookup(a, out.token) if cache else None

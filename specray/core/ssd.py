@@ -14,9 +14,11 @@ position k (geometric_fan_out, fixed when the speculation is drafted, since Sagu
 laws depend on it), the draft's highest-logit tokens there; with Saguaro they are the tokens it
 down-weighted, where the residual norm(max(0, p - q')) then lies. Sampled without Saguaro: the
 branch budget goes to the outcomes the draft rates likeliest across all positions (likely_outcomes):
-P(k accepted) times the draft's own law at k without x_{k+1} (its best estimate of where the
-correction falls), or its law after x_K for the bonus; a peaked position takes few guesses, a flat
-one many.
+P(k accepted) from the sequence's live acceptance per position (outcome_law) times the draft's own
+law at k without x_{k+1} (its best estimate of where the correction falls), or its law after x_K
+for the bonus; a peaked position takes few guesses, a flat one many. Measured offline on 340 SSD
+rounds of the demo pair at T = 1 (budget 10): the fixed geometric fan-out hits 0.256, the
+likeliest outcomes with one acceptance rate 0.321, with per-position rates 0.347.
 
 Rows of a sequence's draft cache after `base` while a cache is built (P pending rows):
   [0, P) pending | [P, P+K-1) x_1..x_{K-1} | P+K-1 x_K | then K blocks of M branch rows
@@ -44,13 +46,25 @@ def geometric_fan_out(k: int, acceptance: float, budget: int, width: int) -> tup
     return tuple(fan)
 
 
-def likely_outcomes(acceptance: float, candidates: list[list[tuple[int, float]]], budget: int) -> list[tuple[int, int]]:
-    """The `budget` outcomes (k, b) the draft rates likeliest, best first: P(exactly k accepted) under
-    i.i.d. acceptance times P(b | k), the chance that b is the correction at position k (k < K) or
-    the bonus (k = K). candidates[k]: (token, P(b | k) as the draft estimates it) at position k."""
-    a, depth = min(max(acceptance, 0.05), 0.95), len(candidates) - 1
-    scored = [((a ** k * (1 - a) if k < depth else a ** depth) * w, k, token)
-              for k, position in enumerate(candidates) for token, w in position]
+def outcome_law(passed: list[int], reached: list[int]) -> list[float]:
+    """P(exactly k of the K drafted tokens accepted), k = 0..K, from each position's live acceptance:
+    position j was reached (every token before it accepted) reached[j] times and accepted passed[j]
+    times; its rate (passed + 1) / (reached + 2). Unlike one rate for all positions this keeps how
+    acceptances cluster: on the demo pair at T = 1, 33 % of SSD rounds accept all K = 4 tokens, where
+    i.i.d. acceptance at the measured 0.47 predicts 5 %."""
+    law, alive = [], 1.0
+    for p, n in zip(passed, reached):
+        a = (p + 1) / (n + 2)
+        law.append(alive * (1 - a))
+        alive *= a
+    return law + [alive]
+
+
+def likely_outcomes(law: list[float], candidates: list[list[tuple[int, float]]], budget: int) -> list[tuple[int, int]]:
+    """The `budget` outcomes (k, b) the draft rates likeliest, best first: law[k] = P(exactly k
+    accepted) (outcome_law) times P(b | k), the chance that b is the correction at position k (k < K)
+    or the bonus (k = K). candidates[k]: (token, P(b | k) as the draft estimates it) at position k."""
+    scored = [(law[k] * w, k, token) for k, position in enumerate(candidates) for token, w in position]
     scored.sort(key=lambda x: -x[0])
     return [(k, token) for _, k, token in scored[:budget]]
 

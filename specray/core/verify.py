@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from specray.core.sampling import sample
 from specray.core.tree import Tree
 
 RESIDUAL_EPS = 1e-12  # a residual with no more mass than this is treated as empty: keep p
@@ -47,7 +48,7 @@ class TorchRng:
         return torch.rand(1, generator=self.generator, device=self.generator.device).item() < prob
 
     def sample(self, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return sample(probs, self.generator)
 
 
 @dataclass(frozen=True)

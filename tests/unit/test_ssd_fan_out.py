@@ -10,7 +10,7 @@ from specray.core.drafter import Drafter
 from specray.core.loader import load_shard
 from specray.core.sampling import SamplingParams, draft_law
 from specray.core.speculation import SpeculationConfig
-from specray.core.ssd import geometric_fan_out
+from specray.core.ssd import geometric_fan_out, likely_outcomes, outcome_law
 from specray.core.step import Admission, Work
 
 
@@ -53,3 +53,19 @@ def test_one_fan_out_per_speculation(tiny_pair):
     assert [guesses.count(pos) for pos in range(5)] == list(fan)
     assert all(branch.fan_out == geometric_fan_out(4, 1 / 42, spec.branch_budget, drafter.vocab)
                for branch in seq.cache.branches)  # the next round's speculations carry the new one
+
+
+def test_outcome_law_keeps_clustered_acceptance():
+    assert outcome_law([], []) == [1.0]
+    assert outcome_law([0, 0], [0, 0]) == pytest.approx([0.5, 0.25, 0.25])  # no history: 1/2 per position
+    # a sequence that rejects its first token half the time but otherwise accepts everything
+    law = outcome_law([50, 48, 48, 48], [100, 50, 48, 48])
+    assert sum(law) == pytest.approx(1) and law[4] > 0.4 and law[1] + law[2] + law[3] < 0.1
+
+
+def test_likely_outcomes_spend_the_budget_where_the_mass_is():
+    law = [0.5, 0.1, 0.4]  # P(0, 1, 2 accepted) for K = 2
+    peaked, flat = [(7, 0.9), (8, 0.05)], [(t, 0.1) for t in range(10)]
+    got = likely_outcomes(law, [flat, peaked, peaked], 4)
+    assert got == [(2, 7), (1, 7), (0, 0), (0, 1)]  # best first: 0.36, 0.09, then the flat position's 0.05s
+    assert len(likely_outcomes(law, [flat, peaked, peaked], 100)) == 14  # never more than the candidates
