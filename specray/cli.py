@@ -21,7 +21,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEMO_TARGET, help="target: HF checkpoint directory or .gguf file")
     p.add_argument("--draft", default=DEMO_DRAFT, help="draft: HF checkpoint directory or .gguf file")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-target-stages", type=int, default=1, help="split the target's layers over N stages")
     p.add_argument("--transport", choices=["graph", "calls"], default=None,

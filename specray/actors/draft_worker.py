@@ -20,7 +20,7 @@ from specray.core.step import Work
 
 
 class DraftWorker:
-    def __init__(self, path: str, num_slots: int, max_len: int, dtype: str = "float32", device: str = "auto",
+    def __init__(self, path: str, num_slots: int, max_len: int, dtype: str = "auto", device: str = "auto",
                  num_threads: float | None = None, auto_backup_batch: int = 2,
                  stand_in: bool = False):
         """stand_in: `path` is the target and only `off` requests come (a 1-layer shard keeps the books)."""

@@ -14,7 +14,7 @@ from specray.core.target import TargetStage
 
 
 class TargetStageWorker:
-    def __init__(self, path: str, start: int, stop: int, num_slots: int, max_len: int, dtype: str = "float32",
+    def __init__(self, path: str, start: int, stop: int, num_slots: int, max_len: int, dtype: str = "auto",
                  device: str = "auto", num_threads: float | None = None, device_hidden: bool = False,
                  draft: str | None = None):
         """device_hidden: hidden states leave `forward` as device tensors (for a transport that moves

@@ -41,7 +41,8 @@ def load_model(path: str, dtype: str, device: str):
     """A transformers causal LM from an HF directory or a GGUF file, EOS off, in eval mode."""
     model = load_transformers_model(path)
     model.generation_config.eos_token_id = None
-    return model.to(device=pick_device(device), dtype=parse_dtype(dtype)).eval()
+    device = pick_device(device)
+    return model.to(device=device, dtype=parse_dtype(dtype, device)).eval()
 
 
 def generation_config(max_tokens: int, temperature: float, pad_id: int) -> GenerationConfig:

@@ -44,7 +44,7 @@ class BenchConfig:
     system (the local engine's stages take as many)."""
     target: str = DEMO_TARGET
     draft: str = DEMO_DRAFT
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "auto"
     num_target_stages: int = 1
     prompt_sets: tuple[str, ...] = SETS

@@ -1,5 +1,7 @@
-"""Pick the torch device a process should use from what it was given."""
+"""Pick the torch device a process should use from what it was given, and what memory it has free."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -12,3 +14,18 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes free on `device`: the CUDA driver's count on a GPU, MemAvailable of /proc/meminfo on the
+    CPU; None where it cannot be known (another OS, the meta device)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if device.type != "cpu" or not meminfo.is_file():
+        return None
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import torch
 
+from specray.core.device import free_memory
+
 
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
+        """Allocates the whole cache up front, or refuses with a clear message if it cannot fit."""
         shape = (num_slots, num_kv_heads, max_len, head_dim)
+        need, free = 2 * num_layers * num_slots * num_kv_heads * max_len * head_dim * dtype.itemsize, free_memory(device)
+        if free is not None and need > free:
+            raise ValueError(f"the KV cache of {num_layers} layers x {num_slots} slots x {max_len} rows needs "
+                             f"{need / 2**30:.1f} GiB on {device} and {free / 2**30:.1f} GiB is free: lower "
+                             f"max_batch or max_context, or split the model over more stages")
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len

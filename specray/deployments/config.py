@@ -15,6 +15,7 @@ from specray.engine import ActorResources, EngineConfig
 
 GRPC_SERVICER = "specray.v1.specray_pb2_grpc.add_SpecDecodeServicer_to_server"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+DEFAULT_MAX_CONTEXT = 8192  # KV rows per slot when the config names none and the model allows more
 
 
 def _bundle(cpus: float, gpus: float) -> dict:
@@ -30,7 +31,8 @@ class AppConfig:
     """target/draft: HF checkpoint directories or .gguf files (default: the embedded demo pair).
     speculation: the default speculation settings (SpeculationConfig's fields); `tree_branching` is
     the branching a tree request gets when it names none. max_context: KV rows per slot (None: the
-    target's max_position_embeddings). max_waiting: requests queued per replica beyond the running
+    target's max_position_embeddings, at most DEFAULT_MAX_CONTEXT; the KV cache is allocated up front,
+    and a replica whose cache does not fit its device refuses to start, naming what to lower). max_waiting: requests queued per replica beyond the running
     batch; past it a request gets RESOURCE_EXHAUSTED. transport: how a step reaches the replica's
     actors, `graph` (compiled Ray graph) or `calls` (actor calls). *_cpus / *_gpus: each actor's bundle (CPUs are
     also its torch threads). Autoscaling: min/max/initial replicas, target ongoing requests per
@@ -39,7 +41,7 @@ class AppConfig:
     target: str = DEMO_TARGET
     draft: str | None = DEMO_DRAFT
     tokenizer: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "auto"
     num_target_stages: int = 1
     transport: str = EngineConfig.transport
@@ -115,6 +117,11 @@ class AppConfig:
         except TypeError:
             raise ValueError(f"speculation takes {list(SpeculationConfig.__dataclass_fields__)}, "
                              f"got {sorted(spec)}") from None
+
+    def context(self, max_position_embeddings: int) -> int:
+        """KV rows per slot: max_context, else the target's context capped at DEFAULT_MAX_CONTEXT (a
+        Llama-3.1 70B's 131,072 rows x 8 slots would ask for ~320 GiB of KV cache)."""
+        return self.max_context or min(max_position_embeddings, DEFAULT_MAX_CONTEXT)
 
     def engine_config(self, max_context: int) -> EngineConfig:
         """The engine of one replica (Ray actors), given the resolved max_context."""

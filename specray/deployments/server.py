@@ -25,15 +25,14 @@ def build_service(config: AppConfig, metrics: ServeMetrics | None = None, actor_
     current placement group (if any)."""
     model = load_config(config.target)
     tokenizer = load_tokenizer(config.tokenizer or config.target)
-    max_context = config.max_context or model.max_position_embeddings
-    engine_config = config.engine_config(max_context)
+    engine_config = config.engine_config(config.context(model.max_position_embeddings))
     pg = ray.util.get_current_placement_group()
 
     def build(generation: int):
         name = actor_name and f"{actor_name}-g{generation}"
         return build_engine(engine_config, tokenizer, pg, first_bundle=1, name=name)
 
-    limits = Limits(max_context, config.max_tokens_limit, config.default_max_tokens, config.max_prompt_bytes,
+    limits = Limits(engine_config.max_context, config.max_tokens_limit, config.default_max_tokens, config.max_prompt_bytes,
                     config.max_stop_strings, model.vocab_size, config.default_speculation, config.tree_branching)
     return Service(EngineHost(build, config.max_waiting), tokenizer, limits,
                    Models(config.target, config.draft or ""), metrics)

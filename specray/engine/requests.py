@@ -78,7 +78,7 @@ class EngineConfig:
     step reaches the actors, `graph` (a compiled Ray graph) or `calls` (one actor call per worker)."""
     target: str
     draft: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "auto"
     num_target_stages: int = 1
     layer_split: tuple[int, ...] = ()
