@@ -7,6 +7,7 @@ with its own copy of the draft's LM head, and verifies, so no V-wide tensor cros
 boundary. `commit` keeps t0 and the accepted path in this stage's cache. Knows nothing of Ray."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from specray.core.model import Shard, head_logits
 from specray.core.sampling import SamplingParams, draft_law, make_generator, target_probs
 from specray.core.speculation import Speculation
 from specray.core.step import RoundResult, Work
-from specray.core.verify import Outcome, TorchRng, verify_tree
+from specray.core.verify import Outcome, TorchRng, verify_greedy, verify_tree
 
 Prefilled = dict[str, torch.Tensor]  # rid -> hidden [1, n, H] of its prompt (to the next stage)
 Upstream = tuple[Prefilled, torch.Tensor | None] | None  # a stage's output: prefill and round hidden states
@@ -114,16 +115,33 @@ class TargetStage:
         return self.shard(p.x if x is None else x, self.cache, slots, p.positions, p.base, p.window, p.num_valid)
 
     def _verify(self, specs: list[Speculation], hidden: torch.Tensor) -> dict[str, Outcome]:
-        """Accept or reject every speculation. hidden: [B, n, H] from this (the last) stage."""
+        """Accept or reject every speculation. hidden: [B, n, H] from this (the last) stage. Greedy
+        requests need only the target's argmax per row; sampled ones their V-wide laws on the host,
+        where the walk runs."""
         sizes = [1 + s.tree.num_nodes for s in specs]
-        rows = torch.cat([hidden[b, :m] for b, m in enumerate(sizes)])  # [R, H]
-        params = [self.seqs[s.rid].params for s, m in zip(specs, sizes) for _ in range(m)]
-        probs = target_probs(self.shard.logits(rows)[:, None], params)[:, 0]  # [R, V]
-        probs = probs.cpu().split(sizes)  # this step's device-to-host sync: the walk below runs on the host
-        laws = self._draft_laws(specs)
-        return {s.rid: verify_tree(s.tree, torch.tensor(s.tokens, dtype=torch.long), p, laws.get(s.rid),
-                                   s.with_replacement, self.seqs[s.rid].rng)
-                for s, p in zip(specs, probs)}
+        starts = [0, *itertools.accumulate(sizes)]
+        logits = self.shard.logits(torch.cat([hidden[b, :m] for b, m in enumerate(sizes)]))  # [R, V]
+        greedy = [self.seqs[s.rid].params.greedy for s in specs]
+        best = logits.argmax(-1).cpu().split(sizes) if any(greedy) else [None] * len(specs)  # [1+N] each
+        sampled = [b for b, g in enumerate(greedy) if not g]
+        probs = dict(zip(sampled, self._target_laws([specs[b] for b in sampled],
+                                                    [logits[starts[b]:starts[b + 1]] for b in sampled])))
+        laws = self._draft_laws([specs[b] for b in sampled])
+        out = {}
+        for b, s in enumerate(specs):
+            tokens = torch.tensor(s.tokens, dtype=torch.long)
+            out[s.rid] = verify_greedy(s.tree, tokens, best[b]) if greedy[b] else \
+                verify_tree(s.tree, tokens, probs[b], laws.get(s.rid), s.with_replacement, self.seqs[s.rid].rng)
+        return out
+
+    def _target_laws(self, specs: list[Speculation], logits: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The target's processed law at every row of each speculation # [1+N, V], on the host (this
+        step's one V-wide device-to-host copy)."""
+        if not specs:
+            return []
+        params = [self.seqs[s.rid].params for s, rows in zip(specs, logits) for _ in range(len(rows))]
+        probs = target_probs(torch.cat(logits)[:, None], params)[:, 0]  # [R, V]
+        return list(probs.cpu().split([len(rows) for rows in logits]))
 
     def _draft_laws(self, specs: list[Speculation]) -> dict[str, torch.Tensor]:
         """The law each sampled speculation's nodes drew their children from # {rid: [1+N, V]},

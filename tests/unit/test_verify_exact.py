@@ -26,7 +26,14 @@ from specray.core.sampling import (
     top_ids,
 )
 from specray.core.tree import Tree
-from specray.core.verify import Outcome, TorchRng, accepted_per_position, verify_batch, verify_tree
+from specray.core.verify import (
+    Outcome,
+    TorchRng,
+    accepted_per_position,
+    verify_batch,
+    verify_greedy,
+    verify_tree,
+)
 
 V = 6
 
@@ -315,3 +322,18 @@ def test_monte_carlo_first_token_of_a_tree_without_replacement():
         counts[tokens[out.accepted[0]] if out.accepted else out.token] += 1
     want = p_row(case.target, ()).double()
     assert stats.chisquare(counts, (want / want.sum() * n).tolist()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("branching", [(1, 1, 1, 1), (2, 2), (3, 1), (2, 2, 1)])
+@pytest.mark.parametrize("with_replacement", [False, True])
+def test_the_greedy_fast_path_equals_the_walk_on_one_hot_laws(branching, with_replacement):
+    """verify_greedy (argmaxes only) gives verify_tree's outcome on the one-hot p it stands for, with
+    the greedy draft's point masses (q None), over random trees, tokens and target choices."""
+    tree = Tree.from_branching(branching)
+    g = torch.Generator().manual_seed(sum(branching) + with_replacement)
+    for _ in range(200):
+        tokens = torch.randint(0, 3, (tree.num_nodes,), generator=g)  # [N], small range: many matches
+        best = torch.randint(0, 3, (1 + tree.num_nodes,), generator=g)  # [1+N] target argmax per row
+        p = torch.nn.functional.one_hot(best, V).float()  # [1+N, V]
+        want = verify_tree(tree, tokens, p, None, with_replacement, TorchRng(make_generator(0, "target")))
+        assert verify_greedy(tree, tokens, best) == want
