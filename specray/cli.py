@@ -140,6 +140,21 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_round(args: argparse.Namespace) -> int:
+    from specray.bench.round_profile import markdown, run
+    from specray.core.device import pick_device
+    from specray.core.loader import load_shard, load_tokenizer
+
+    device = pick_device(args.device)
+    n = load_shard(args.target, 0, 1, args.dtype, device).cfg.num_layers
+    step = -(-n // args.num_target_stages)
+    target = [load_shard(args.target, i, min(i + step, n), args.dtype, device) for i in range(0, n, step)]
+    draft = load_shard(args.draft, dtype=args.dtype, device=device)
+    print(markdown(run(target, draft, load_tokenizer(args.target), args.modes.split(","), list(args.batch),
+                       args.rounds, args.temperature)))
+    return 0
+
+
 def _str_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -208,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the whole sweep N times in turn and report each row's median")
     e.add_argument("--json-out", default=None, help="also write the rows as JSON here")
     e.set_defaults(func=cmd_bench_engine)
+    r = bsub.add_parser("round", help="one round in process: ms, torch ops and host reads per round (no Ray)")
+    add_model_args(r)
+    r.add_argument("--modes", default="off,chain,tree,async", help="as `specray bench --modes`")
+    r.add_argument("--batch", type=_int_list, default=(1, 8), help="batch sizes, e.g. 1,8")
+    r.add_argument("--rounds", type=int, default=16, help="rounds measured after one warm-up round")
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.set_defaults(func=cmd_bench_round)
     return parser
 
 

@@ -16,7 +16,7 @@ from specray.core.step import Admission, Work, direct, run_step
 from specray.core.target import TargetStage
 
 
-class _SequentialDraft:
+class SequentialDraft:
     """The draft side of a step in one thread: SSD's preparation right after the proposal (the
     draft worker runs it beside the verification instead; the draws are the same)."""
 
@@ -55,7 +55,7 @@ def generate(target: list[Shard], draft: Shard | None, prompts: list[list[int]],
             raise ValueError("prompt must not be empty")
         seqs[str(i)] = Sequence(str(i), list(prompt), max_tokens, frozenset(eos_ids))
         admit.append(Admission(str(i), tuple(prompt), p, s))
-    work, draft_side = Work(add=tuple(admit), rids=tuple(seqs)), _SequentialDraft(drafter)
+    work, draft_side = Work(add=tuple(admit), rids=tuple(seqs)), SequentialDraft(drafter)
     while work.rids:
         results = run_step(direct, draft_side, stages, work)
         for rid, result in results.items():
