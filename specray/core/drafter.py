@@ -233,8 +233,9 @@ class Drafter:
         for pos in range(k + 1):
             ids, probs = (last.ranked[pos], last.ranked_probs[pos]) if pos < k else (bonus_ids, bonus_probs)
             drafted = last.tokens[pos] if pos < k else None
-            rest = 1 - sum(float(w) for t, w in zip(ids.tolist(), probs) if t == drafted)  # renormalise without it
-            candidates.append([(t, float(w) / max(rest, 1e-9)) for t, w in zip(ids.tolist(), probs) if t != drafted])
+            ranked = list(zip(ids.tolist(), probs.tolist()))
+            rest = max(1 - sum(w for t, w in ranked if t == drafted), 1e-9)  # renormalise without it
+            candidates.append([(t, w / rest) for t, w in ranked if t != drafted])
         if self._by_likelihood(seq):
             outcomes = likely_outcomes(outcome_law(seq.passed, seq.reached), candidates, seq.spec.branch_budget)
         else:  # the fan-out its own laws were weighted for

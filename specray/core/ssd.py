@@ -16,9 +16,11 @@ down-weighted, where the residual norm(max(0, p - q')) then lies. Sampled withou
 branch budget goes to the outcomes the draft rates likeliest across all positions (likely_outcomes):
 P(k accepted) from the sequence's live acceptance per position (outcome_law) times the draft's own
 law at k without x_{k+1} (its best estimate of where the correction falls), or its law after x_K
-for the bonus; a peaked position takes few guesses, a flat one many. Measured offline on 340 SSD
-rounds of the demo pair at T = 1 (budget 10): the fixed geometric fan-out hits 0.256, the
-likeliest outcomes with one acceptance rate 0.321, with per-position rates 0.347.
+for the bonus; a peaked position takes few guesses, a flat one many. Chosen by a one-off replay
+(2026-12-03; the script was not kept) of 340 recorded SSD rounds of the demo pair at T = 1, budget
+10: the fixed geometric fan-out would have hit 0.256, the likeliest outcomes with one acceptance
+rate 0.321, with per-position rates 0.347. `specray bench engine --temperature 1.0 --modes async`
+measures the result end to end.
 
 Rows of a sequence's draft cache after `base` while a cache is built (P pending rows):
   [0, P) pending | [P, P+K-1) x_1..x_{K-1} | P+K-1 x_K | then K blocks of M branch rows

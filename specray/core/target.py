@@ -7,7 +7,6 @@ with its own copy of the draft's LM head, and verifies, so no V-wide tensor cros
 boundary. `commit` keeps t0 and the accepted path in this stage's cache. Knows nothing of Ray."""
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -116,32 +115,38 @@ class TargetStage:
 
     def _verify(self, specs: list[Speculation], hidden: torch.Tensor) -> dict[str, Outcome]:
         """Accept or reject every speculation. hidden: [B, n, H] from this (the last) stage. Greedy
-        requests need only the target's argmax per row; sampled ones their V-wide laws on the host,
-        where the walk runs."""
+        requests need only the target's argmax per row; sampled ones its V-wide laws and the draft's
+        on the host, where the walk runs."""
         sizes = [1 + s.tree.num_nodes for s in specs]
-        starts = [0, *itertools.accumulate(sizes)]
-        logits = self.shard.logits(torch.cat([hidden[b, :m] for b, m in enumerate(sizes)]))  # [R, V]
+        logits = self.shard.logits(torch.cat([hidden[b, :m] for b, m in enumerate(sizes)])).split(sizes)
         greedy = [self.seqs[s.rid].params.greedy for s in specs]
-        best = logits.argmax(-1).cpu().split(sizes) if any(greedy) else [None] * len(specs)  # [1+N] each
-        sampled = [b for b, g in enumerate(greedy) if not g]
-        probs = dict(zip(sampled, self._target_laws([specs[b] for b in sampled],
-                                                    [logits[starts[b]:starts[b + 1]] for b in sampled])))
-        laws = self._draft_laws([specs[b] for b in sampled])
+        choices = iter(self._choices([x for x, g in zip(logits, greedy) if g]))  # [1+N] each
+        sampled = [s for s, g in zip(specs, greedy) if not g]
+        p = self._target_laws(sampled, [x for x, g in zip(logits, greedy) if not g])
+        q = self._draft_laws(sampled)
         out = {}
-        for b, s in enumerate(specs):
+        for s, g in zip(specs, greedy):
             tokens = torch.tensor(s.tokens, dtype=torch.long)
-            out[s.rid] = verify_greedy(s.tree, tokens, best[b]) if greedy[b] else \
-                verify_tree(s.tree, tokens, probs[b], laws.get(s.rid), s.with_replacement, self.seqs[s.rid].rng)
+            out[s.rid] = verify_greedy(s.tree, tokens, next(choices)) if g else \
+                verify_tree(s.tree, tokens, p[s.rid], q.get(s.rid), s.with_replacement, self.seqs[s.rid].rng)
         return out
 
-    def _target_laws(self, specs: list[Speculation], logits: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The target's processed law at every row of each speculation # [1+N, V], on the host (this
-        step's one V-wide device-to-host copy)."""
-        if not specs:
+    @staticmethod
+    def _choices(logits: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The target's argmax at every row # [1+N] of each greedy speculation's logits # [1+N, V]: one
+        small device-to-host copy."""
+        if not logits:
             return []
+        return list(torch.cat(logits).argmax(-1).cpu().split([len(x) for x in logits]))
+
+    def _target_laws(self, specs: list[Speculation], logits: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The target's processed law at every row of each sampled speculation # {rid: [1+N, V]}, on
+        the host (this step's one V-wide device-to-host copy)."""
+        if not specs:
+            return {}
         params = [self.seqs[s.rid].params for s, rows in zip(specs, logits) for _ in range(len(rows))]
         probs = target_probs(torch.cat(logits)[:, None], params)[:, 0]  # [R, V]
-        return list(probs.cpu().split([len(rows) for rows in logits]))
+        return dict(zip((s.rid for s in specs), probs.cpu().split([len(rows) for rows in logits])))
 
     def _draft_laws(self, specs: list[Speculation]) -> dict[str, torch.Tensor]:
         """The law each sampled speculation's nodes drew their children from # {rid: [1+N, V]},

@@ -71,3 +71,19 @@ def test_greedy_ships_no_law_and_sampled_needs_the_head(tiny_pair):
     assert stage._draft_laws(specs_from_wire([greedy])) == {}
     with pytest.raises(RuntimeError, match="LM head"):
         stage._draft_laws(specs_from_wire([sampled]))
+
+
+def test_a_mixed_batch_verifies_each_request_as_it_would_alone(tiny_pair):
+    """Greedy rows take the argmax fast path, sampled ones the full walk, in one verification."""
+    target_dir, draft_dir = tiny_pair
+    admit = {"g": Admission("g", (5, 17), SamplingParams(), SpeculationConfig("tree", 2, (2, 1))),
+             "s": Admission("s", (5, 17), SamplingParams(1.0, seed=0), SpeculationConfig("chain", 3))}
+
+    def verify(rids):
+        drafter = Drafter(load_shard(draft_dir), 2, 256)
+        stage = TargetStage(load_shard(target_dir), 2, 256, draft_head=load_lm_head(draft_dir))
+        work = Work(add=tuple(admit[r] for r in rids), rids=rids)
+        return stage.verify(work, specs_from_wire(specs_to_wire(drafter.propose(work))))
+
+    both = verify(("g", "s"))
+    assert both["g"] == verify(("g",))["g"] and both["s"] == verify(("s",))["s"]
