@@ -72,8 +72,7 @@ def speculation_config(args: argparse.Namespace):
 
 def engine_settings(args: argparse.Namespace) -> dict:
     """The engine settings --transport gives ({} when unset: the engine's default)."""
-    given = {"transport": args.transport}
-    return {k: v for k, v in given.items() if v is not None}
+    return {"transport": args.transport} if args.transport else {}
 
 
 def engine_config(args: argparse.Namespace, **overrides):
@@ -143,12 +142,11 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
 def cmd_bench_round(args: argparse.Namespace) -> int:
     from specray.bench.round_profile import markdown, run
     from specray.core.device import pick_device
-    from specray.core.loader import load_shard, load_tokenizer
+    from specray.core.loader import load_config, load_shard, load_tokenizer
 
     device = pick_device(args.device)
-    n = load_shard(args.target, 0, 1, args.dtype, device).cfg.num_layers
-    step = -(-n // args.num_target_stages)
-    target = [load_shard(args.target, i, min(i + step, n), args.dtype, device) for i in range(0, n, step)]
+    layers = engine_config(args).stage_layers(load_config(args.target).num_layers)
+    target = [load_shard(args.target, start, stop, args.dtype, device) for start, stop in layers]
     draft = load_shard(args.draft, dtype=args.dtype, device=device)
     print(markdown(run(target, draft, load_tokenizer(args.target), args.modes.split(","), list(args.batch),
                        args.rounds, args.temperature)))
