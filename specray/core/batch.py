@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -35,18 +36,15 @@ def causal_rows(tokens: list[int], start: int) -> Rows:
 
 
 def pack(rows: list[Rows]) -> Packed:
-    b = len(rows)
+    """Right-pad every sequence's rows to the longest: padding tokens are id 0 at the last position
+    (or base) and see nothing in the window (the cache lets each see itself)."""
     n = max(len(r.tokens) for r in rows)
     w = max(r.window.shape[1] for r in rows)
-    x = torch.zeros(b, n, dtype=torch.long)
-    positions = torch.zeros(b, n, dtype=torch.long)
-    window = torch.zeros(b, n, w, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        m = len(r.tokens)
-        x[i, :m] = torch.tensor(r.tokens, dtype=torch.long)
-        positions[i, :m] = torch.tensor(r.positions, dtype=torch.long)
-        positions[i, m:] = r.positions[-1] if m else r.base
-        window[i, :m, :r.window.shape[1]] = r.window
+    pad = [n - len(r.tokens) for r in rows]
+    x = torch.tensor([r.tokens + [0] * k for r, k in zip(rows, pad)], dtype=torch.long)
+    positions = torch.tensor([r.positions + [r.positions[-1] if r.positions else r.base] * k
+                              for r, k in zip(rows, pad)], dtype=torch.long)
+    window = torch.stack([F.pad(r.window, (0, w - r.window.shape[1], 0, k)) for r, k in zip(rows, pad)])
     base = torch.tensor([r.base for r in rows], dtype=torch.long)
     num_valid = torch.tensor([len(r.tokens) for r in rows], dtype=torch.long)
     return Packed(x, positions, base, window, num_valid)

@@ -77,14 +77,17 @@ class Drafter:
         return self.shard(p.x, self.cache, torch.tensor(slots), p.positions, p.base, p.window, p.num_valid)
 
     def _laws(self, hidden: torch.Tensor, seqs: list[DraftSeq], fans: list[int],
-              width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              width: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """hidden [R, H] (row r of seqs[r], weighted for fans[r]) -> its draft law [R, V], its `width`
         highest-logit ids and their probabilities [R, W], and the hidden rows, on the host: the
         draft's one sync per depth, since the next depth's tokens are drawn from these laws with the
-        host generator."""
+        host generator. All rows greedy: only the ids (the law, their probabilities and the hidden
+        rows are None), an argmax for one id."""
         logits = self.shard.logits(hidden)  # [R, V]
+        ranked = logits.argmax(-1, keepdim=True) if width == 1 else top_ids(logits, width)  # [R, W]
+        if all(s.params.greedy for s in seqs):
+            return None, ranked.cpu(), None, None
         probs = draft_law(logits, [s.params for s in seqs], fans, [s.spec.saguaro_c for s in seqs])
-        ranked = top_ids(logits, width)  # [R, W]
         return probs.cpu(), ranked.cpu(), probs.gather(-1, ranked).cpu(), hidden.cpu()
 
     def _new_speculation(self, rid: str, seq: DraftSeq, root: int, tree: Tree) -> Speculation:
@@ -160,8 +163,8 @@ class Drafter:
             r = 0
             for s in level:
                 for node in (-1,) if depth == 0 else s.last.tree.levels[depth - 1]:
-                    _keep(s.last, node + 1, ranked[r], ranked_probs[r], picks[r])
-                    self._draw(s, node, probs[r], ranked[r])
+                    _keep(s.last, node + 1, r, ranked, ranked_probs, picks)
+                    self._draw(s, node, None if probs is None else probs[r], ranked[r])
                     r += 1
 
     @staticmethod
@@ -182,12 +185,11 @@ class Drafter:
         positions = [seq.base + p - 1 + depth] * len(nodes)
         return Rows([seq.last.tokens[j] for j in nodes], positions, seq.base, window), list(range(len(nodes)))
 
-    def _draw(self, seq: DraftSeq, node: int, probs: torch.Tensor, ranked: torch.Tensor) -> None:
+    def _draw(self, seq: DraftSeq, node: int, probs: torch.Tensor | None, ranked: torch.Tensor) -> None:
         """Draw node's children from probs # [V] (ranked # [W]: its highest-logit ids)."""
         spec = seq.last
         children = spec.tree.children(node)
-        drawn = draw_children(probs, ranked, len(children), spec.with_replacement, seq.generator)
-        for child, token in zip(children, drawn):
+        for child, token in zip(children, _children(seq, probs, ranked, len(children))):
             spec.tokens[child] = token
 
     def prepare(self, work: Work) -> None:
@@ -199,6 +201,7 @@ class Drafter:
             return
         last = self._forward([s.slot for s in seqs], [self._last_rows(s) for s in seqs])[:, 0]  # [B, H]
         _, bonus_ids, bonus_probs, _ = self._laws(last, seqs, [0] * len(seqs), max(s.last.ranked.shape[1] for s in seqs))
+        bonus_probs = torch.zeros(bonus_ids.shape) if bonus_probs is None else bonus_probs  # greedy: unread
         for s, ids, probs in zip(seqs, bonus_ids, bonus_probs):
             s.cache = self._guess(s, ids, probs)
         for j in range(max(s.cache.k for s in seqs)):
@@ -215,8 +218,8 @@ class Drafter:
             r = 0
             for s in level:
                 for branch in s.cache.branches:
-                    _keep(branch, j, ranked[r], ranked_probs[r], picks[r])
-                    branch.tokens[j] = draw_children(probs[r], ranked[r], 1, False, s.generator)[0]
+                    _keep(branch, j, r, ranked, ranked_probs, picks)
+                    branch.tokens[j] = _children(s, None if probs is None else probs[r], ranked[r], 1)[0]
                     r += 1
 
     def _last_rows(self, seq: DraftSeq) -> Rows:
@@ -282,10 +285,22 @@ class Drafter:
                 self.cache.compact(seq.slot, seq.base, list(range(seq.pending)) + fed)
 
 
-def _keep(spec: Speculation, row: int, ranked: torch.Tensor, ranked_probs: torch.Tensor, hidden: torch.Tensor) -> None:
-    """Record a law row of `spec`: its ranked ids and their probabilities (as many as the speculation
-    keeps) and, unless the request is greedy, the hidden state verification recomputes the law from."""
+def _children(seq: DraftSeq, probs: torch.Tensor | None, ranked: torch.Tensor, k: int) -> list[int]:
+    """k children drawn from a node's law probs # [V] (sampling.draw_children; branches of an SSD cache
+    are drawn like a chain's, without replacement), ranked # [W] its highest-logit ids. Greedy: the
+    first k ranked ids, which is what draw_children returns on the greedy law (a point mass on the
+    argmax, then deterministic candidates)."""
+    if seq.params.greedy:
+        return ranked[:k].tolist()
+    return draw_children(probs, ranked, k, seq.spec.with_replacement, seq.generator)
+
+
+def _keep(spec: Speculation, row: int, r: int, ranked: torch.Tensor, ranked_probs: torch.Tensor | None,
+          hidden: torch.Tensor | None) -> None:
+    """Record row r of _laws' output as law row `row` of `spec`: its ranked ids and their probabilities
+    (as many as the speculation keeps) and, unless the request is greedy, the hidden state verification
+    recomputes the law from."""
     w = spec.ranked.shape[1]
-    spec.ranked[row], spec.ranked_probs[row] = ranked[:w], ranked_probs[:w]
+    spec.ranked[row] = ranked[r, :w]
     if spec.hidden is not None:
-        spec.hidden[row] = hidden
+        spec.ranked_probs[row], spec.hidden[row] = ranked_probs[r, :w], hidden[r]

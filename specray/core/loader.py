@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from specray.core.config import ModelConfig
-from specray.core.model import Shard
+from specray.core.model import Shard, rope_buffers
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 EMBED = "model.embed_tokens.weight"
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}  # Shard's fused projections: their parts
 
 
 def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
@@ -131,24 +133,32 @@ def load_shard(path: str, start: int = 0, stop: int | None = None, dtype: str | 
     cfg = load_config(path)
     with torch.device("meta"):
         shard = Shard(cfg, start, stop)
-    wanted = {name: "model." + name if not name.startswith("lm_head") else name
-              for name in shard.state_dict()}
-    for name in wanted:
-        if name.startswith("layers."):
-            i, rest = name.split(".", 2)[1:]
-            wanted[name] = f"model.layers.{int(i) + shard.start}.{rest}"
-    source = _tensors(path, list(set(wanted.values())) + [EMBED])
+    wanted = {name: checkpoint_names(name, shard.start) for name in shard.state_dict()}
+    source = _tensors(path, [hf for names in wanted.values() for hf in names] + [EMBED])
     if shard.is_last:
-        wanted["lm_head.weight"] = _head_name(cfg, source)
-    missing = [hf for hf in wanted.values() if hf not in source]
+        wanted["lm_head.weight"] = (_head_name(cfg, source),)
+    missing = [hf for names in wanted.values() for hf in names if hf not in source]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    loaded = {hf: _to(source[hf], dtype, device) for hf in set(wanted.values())}
-    shard.load_state_dict({name: loaded[hf] for name, hf in wanted.items()}, assign=True)
-    if shard.is_first and shard.is_last and wanted["lm_head.weight"] == EMBED:
+    loaded = {names: _to(torch.cat([source[hf] for hf in names]), dtype, device) for names in set(wanted.values())}
+    shard.load_state_dict({name: loaded[names] for name, names in wanted.items()}, assign=True)
+    if shard.is_first and shard.is_last and wanted["lm_head.weight"] == (EMBED,):
         shard.lm_head.weight = shard.embed_tokens.weight  # one parameter, not two copies
-    shard.inv_freq = cfg.inv_freq().to(device)
+    for name, buffer in rope_buffers(cfg).items():
+        setattr(shard, name, buffer.to(device))
     return shard.eval()
+
+
+def checkpoint_names(name: str, start: int) -> tuple[str, ...]:
+    """The checkpoint tensors (transformers' names) that make up a Shard tensor, stacked along dim 0:
+    one, or q|k|v and gate|up for the fused projections. Layer i of a shard is layer start + i."""
+    if name.startswith("lm_head"):
+        return (name,)
+    if not name.startswith("layers."):
+        return ("model." + name,)
+    _, i, rest = name.split(".", 2)
+    owner, param = rest.rsplit(".", 1)
+    return tuple(f"model.layers.{int(i) + start}.{part}.{param}" for part in FUSED.get(owner, (owner,)))
 
 
 def load_tokenizer(path: str):

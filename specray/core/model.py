@@ -31,53 +31,55 @@ class RMSNorm(nn.Module):
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Apply RoPE (half-split convention): x * cos + rotate_half(x) * sin, with rotate_half(x) =
-    [-x2, x1]. x: [B, n, heads, hd]; cos: [B, n, 1, hd]; sin: [B, n, 1, hd] with its first half
-    negated (Shard.forward builds it so), which makes rotate_half(x) * sin = roll(x, hd/2) * sin:
-    four ops instead of six, bit for bit the same."""
+    [-x2, x1]. x: [B, n, heads, hd]; cos, sin: [B, n, heads, hd] (or broadcastable) with sin's first
+    half negated (Shard.forward builds it so), which makes rotate_half(x) * sin = roll(x, hd/2) * sin:
+    four ops instead of six, bit for bit the same. A head with cos 1 and sin 0 passes unchanged."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
+    """Grouped-query attention over the KV cache. q, k and v come from one fused projection (the
+    checkpoint's q_proj, k_proj and v_proj stacked by the loader), are rotated in one go (v heads with
+    cos 1, sin 0, bit for bit unchanged) and k, v are written to the layer's cache in one op."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, rows, mask):
-        # x: [B, n, H]; k_cache, v_cache: [slots, nkv, max_len, hd]; rows: [B, n]; mask: [B, 1, n, L]
+    def forward(self, x, cos, sin, kv_cache, where, mask):
+        # x: [B, n, H]; cos, sin: [B, n, nh + 2 nkv, hd]; kv_cache: [slots, 2 nkv, max_len, hd] (k heads,
+        # then v heads); where: (slots [B, 1], rows [B, n], slots [B]) on x's device; mask: [B, 1, n, L] bool
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.nh, self.hd)
-        k = self.k_proj(x).view(b, n, self.nkv, self.hd)
-        v = self.v_proj(x).view(b, n, self.nkv, self.hd)
+        qkv = self.qkv_proj(x).view(b, n, self.nh + 2 * self.nkv, self.hd)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        k_cache[slots[:, None], :, rows] = k
-        v_cache[slots[:, None], :, rows] = v
-        length = mask.shape[-1]
-        keys = k_cache[slots, :, :length]  # [B, nkv, L, hd]
-        values = v_cache[slots, :, :length]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                             enable_gqa=self.nh != self.nkv)  # [B, nh, n, hd]
+            q, k, v = qkv.split((self.nh, self.nkv, self.nkv), dim=2)
+            qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=2)
+        qkv = rotate(qkv, cos, sin)
+        slot_col, rows, slots = where
+        kv_cache[slot_col, :, rows] = qkv[:, :, self.nh:]
+        kv = kv_cache[:, :, :mask.shape[-1]][slots]  # [B, 2 nkv, L, hd]
+        out = F.scaled_dot_product_attention(qkv[:, :, :self.nh].transpose(1, 2), kv[:, :self.nkv], kv[:, self.nkv:],
+                                             attn_mask=mask, enable_gqa=self.nh != self.nkv)  # [B, nh, n, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.nh * self.hd))
 
 
 class MLP(nn.Module):
+    """SwiGLU with gate_proj and up_proj fused into one projection (stacked by the loader)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -88,9 +90,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, rows, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, slots, rows, mask)
+    def forward(self, x, cos, sin, kv_cache, where, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, where, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def rope_buffers(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """What Shard.forward rotates with: inv_freq [hd/2] and, per head of the fused q|k|v layout,
+    qk_heads [nh + 2 nkv, 1] (1 on q and k heads, 0 on v heads) and v_heads = 1 - qk_heads."""
+    qk = torch.arange(cfg.num_heads + 2 * cfg.num_kv_heads) < cfg.num_heads + cfg.num_kv_heads
+    return {"inv_freq": cfg.inv_freq(), "qk_heads": qk[:, None].float(), "v_heads": (~qk)[:, None].float()}
 
 
 class Shard(nn.Module):
@@ -109,7 +118,8 @@ class Shard(nn.Module):
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
+        for name, buffer in rope_buffers(cfg).items():
+            self.register_buffer(name, buffer, persistent=False)
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         p = next(self.parameters())
@@ -132,12 +142,14 @@ class Shard(nn.Module):
         h = self.embed_tokens(x.to(self.inv_freq.device)) if self.is_first else x
         freqs = positions.to(h.device, torch.float32)[..., None] * self.inv_freq  # [B, n, hd/2]
         c, s = freqs.cos(), freqs.sin()
-        cos = torch.cat((c, c), dim=-1)[:, :, None, :].to(h.dtype)  # [B, n, 1, hd]
-        sin = torch.cat((-s, s), dim=-1)[:, :, None, :].to(h.dtype)  # [B, n, 1, hd], first half negated (rotate)
-        mask, rows = cache.attention_mask(slots, base, window, n, h.dtype)
+        # [B, n, nh + 2 nkv, hd] per head; sin's first half negated (rotate); v heads: cos 1, sin 0
+        cos = torch.addcmul(self.v_heads, torch.cat((c, c), dim=-1)[:, :, None], self.qk_heads).to(h.dtype)
+        sin = (torch.cat((-s, s), dim=-1)[:, :, None] * self.qk_heads).to(h.dtype)
+        mask, rows = cache.attention_mask(slots, base, window, n)
         dev_slots = slots.to(h.device)
+        where = (dev_slots[:, None], rows, dev_slots)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache.k[i], cache.v[i], dev_slots, rows, mask)
+            h = layer(h, cos, sin, cache.kv[i], where, mask)
         cache.lengths[slots] += n if num_valid is None else num_valid
         return self.norm(h) if self.is_last else h
 

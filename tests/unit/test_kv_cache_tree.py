@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from specray.core.config import ModelConfig
-from specray.core.loader import load_shard
+from specray.core.loader import checkpoint_names, load_shard
 from specray.core.model import Shard
 from specray.core.tree import Tree
 
@@ -143,7 +143,7 @@ def assert_cache_equals_fresh_prefill(shard: Shard, cache, slots, kept: list[int
     assert int(cache.lengths[slots]) == len(kept)
     fresh, fresh_slots = new_slot(shard, num_slots=2)
     forward(shard, fresh, fresh_slots, torch.tensor([kept]))
-    for got, want in zip(cache.k + cache.v, fresh.k + fresh.v):
+    for got, want in zip(cache.kv, fresh.kv):
         torch.testing.assert_close(got[slots, :, :len(kept)], want[fresh_slots, :, :len(kept)],
                                    atol=KV_ATOL, rtol=0)
     nxt = torch.tensor([tokens(3, 99)])  # overwrites some stale rows; the rest must stay invisible
@@ -178,8 +178,15 @@ def save_checkpoint(model: Shard, path, tied: bool) -> None:
     """Write `model` as a minimal Hugging Face directory (config.json + model.safetensors)."""
     path.mkdir(exist_ok=True)
     (path / "config.json").write_text(json.dumps({**HF_CONFIG, "tie_word_embeddings": tied}))
-    state = {name if name.startswith("lm_head") else "model." + name: t.contiguous()
-             for name, t in model.state_dict().items()}
+    cfg = model.cfg
+    rows = {"q_proj": cfg.num_heads * cfg.head_dim, "k_proj": cfg.num_kv_heads * cfg.head_dim,
+            "v_proj": cfg.num_kv_heads * cfg.head_dim, "gate_proj": cfg.intermediate_size,
+            "up_proj": cfg.intermediate_size}  # fused projections split back into their parts
+    state = {}
+    for name, t in model.state_dict().items():
+        names = checkpoint_names(name, 0)
+        sizes = [rows[hf.split(".")[-2]] for hf in names] if len(names) > 1 else [t.shape[0]]
+        state.update({hf: part.contiguous() for hf, part in zip(names, t.split(sizes))})
     if tied:
         del state["lm_head.weight"]
     save_file(state, str(path / "model.safetensors"))

@@ -22,7 +22,7 @@ def test_a_70b_shaped_cache_is_refused_with_what_to_lower():
 
 def test_a_cache_that_fits_is_allocated():
     cache = KVCache(2, 2, 64, 2, 16, torch.float32, "cpu")
-    assert cache.k[0].shape == (2, 2, 64, 16) and cache.num_free == 2
+    assert cache.kv[0].shape == (2, 4, 64, 16) and cache.num_free == 2  # k heads, then v heads
     assert free_memory("cpu") is None or free_memory("cpu") > 0
 
 

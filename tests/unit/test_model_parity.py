@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from specray.core.loader import load_shard, load_tokenizer
+from specray.core.loader import checkpoint_names, load_shard, load_tokenizer
 
 TINY = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
@@ -128,7 +128,7 @@ def test_half_precision_runs_close_to_fp32(dtype, tmp_path):
     seqs = make_sequences(model.config.vocab_size)
     full = specray_logits(load_shard(str(tmp_path)), seqs)
     shard = load_shard(str(tmp_path), dtype=dtype)
-    assert next(shard.parameters()).dtype == dtype and shard.new_cache(1, 4).k[0].dtype == dtype
+    assert next(shard.parameters()).dtype == dtype and shard.new_cache(1, 4).kv[0].dtype == dtype
     half = specray_logits(shard, seqs)
     for got, want in zip(half, full):
         assert got.dtype == torch.float32 and torch.isfinite(got).all()
@@ -202,8 +202,8 @@ def test_gguf_round_trip(tied, tmp_path):
     shard = load_shard(str(path))
     assert shard.cfg.family == "llama" and shard.cfg.tie_word_embeddings == tied
     state = model.state_dict()
-    for name, t in shard.state_dict().items():
-        torch.testing.assert_close(t, state[name if name.startswith("lm_head") else "model." + name],
+    for name, t in shard.state_dict().items():  # fused projections: their parts stacked
+        torch.testing.assert_close(t, torch.cat([state[hf] for hf in checkpoint_names(name, 0)]),
                                    atol=0, rtol=0, msg=name)
     assert_parity(shard, model)
     tokenizer = load_tokenizer(str(path))  # built from the GGUF tokenizer section
