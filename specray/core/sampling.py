@@ -21,9 +21,14 @@ import torch
 import torch.nn.functional as F
 
 
+MIN_TEMPERATURE = 0.01  # a positive temperature below this is raised to it (vLLM does the same): logits
+#                         divided by ~1e-45 overflow to inf and the law turns NaN
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """One request's sampling settings. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+    """One request's sampling settings. temperature 0 is greedy; a positive one below
+    MIN_TEMPERATURE is raised to it; top_k 0 and top_p 1 are off."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -33,6 +38,8 @@ class SamplingParams:
     def __post_init__(self):
         if not (isinstance(self.temperature, numbers.Real) and math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not (isinstance(self.top_p, numbers.Real) and 0 < self.top_p <= 1):

@@ -11,6 +11,9 @@ import torch
 from specray.core.tree import Tree
 
 MODES = ("off", "chain", "tree", "async")
+MAX_TREE_NODES = 256
+MIN_SAGUARO_C = 1e-6  # a smaller c is raised to it: scaled in float32, ~1e-45 would zero the weighted
+#                       probabilities and leave a NaN law
 BACKUPS = ("neural", "fast", "auto")
 
 
@@ -48,8 +51,8 @@ class SpeculationConfig:
             if self.num_speculative_tokens and self.num_speculative_tokens != len(self.branching):
                 raise ValueError(f"branching has depth {len(self.branching)} but num_speculative_tokens is "
                                  f"{self.num_speculative_tokens}; they must agree")
-            if Tree.from_branching(self.branching).num_nodes > 256:
-                raise ValueError(f"branching {list(self.branching)} makes more than 256 tree nodes")
+            if _tree_nodes(self.branching) > MAX_TREE_NODES:
+                raise ValueError(f"branching {list(self.branching)[:8]} makes more than {MAX_TREE_NODES} tree nodes")
 
         if self.mode == "async" and self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1 in async mode")
@@ -60,6 +63,7 @@ class SpeculationConfig:
             raise ValueError(f"fan_out {list(self.fan_out)} asks for more than 64 branches")
         if not 0 < self.saguaro_c <= 1:
             raise ValueError(f"saguaro_c must be in (0, 1], got {self.saguaro_c}")
+        object.__setattr__(self, "saguaro_c", max(float(self.saguaro_c), MIN_SAGUARO_C))
         if self.backup not in BACKUPS:
             raise ValueError(f"backup must be one of {BACKUPS}, got {self.backup!r}")
 
@@ -83,6 +87,18 @@ class SpeculationConfig:
         if self.mode in ("chain", "async"):
             return Tree.chain(self.num_speculative_tokens)
         return Tree.from_branching(self.branching)
+
+
+def _tree_nodes(branching: tuple[int, ...]) -> int:
+    """Nodes of Tree.from_branching(branching), counted without building it, stopping once past the cap
+    (so [2**31 - 1] or [2] * 32 cost nothing)."""
+    nodes, level = 0, 1
+    for k in branching:
+        level *= k
+        nodes += level
+        if nodes > MAX_TREE_NODES:
+            break
+    return nodes
 
 
 @dataclass

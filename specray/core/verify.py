@@ -108,7 +108,11 @@ def verify_tree(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q: torch.Tens
     tokens # [N] node tokens; p # [1+N, V] fp32 target distributions (target_probs): row 0 at the
     root, row 1+j for the children of node j; q # [1+N, V] fp32 the draft's law (draft_law) at the
     same rows, leaf rows unused, or None when every child is a point mass (a greedy draft). Extra
-    trailing rows (padding) are ignored."""
+    trailing rows (padding) are ignored. A non-finite p or q row raises ValueError: min(1, p / q) would
+    accept a NaN and emit text of no known law."""
+    rows = 1 + tree.num_nodes
+    if not bool(torch.isfinite(p[:rows]).all()) or q is not None and not bool(torch.isfinite(q[:rows]).all()):
+        raise ValueError("verification got a non-finite target or draft probability; nothing was accepted")
     accepted: list[int] = []
     node = -1
     while True:
