@@ -7,44 +7,47 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
 class Rows:
-    """New rows for one sequence: tokens [n], positions [n], base, window [n, W] bool."""
+    """New rows for one sequence: tokens [n], positions [n], base, window [n, W] bool (numpy, or a
+    CPU tensor such as Tree.mask)."""
     tokens: list[int]
     positions: list[int]
     base: int
-    window: torch.Tensor
+    window: np.ndarray | torch.Tensor
 
 
 @dataclass
 class Packed:
-    x: torch.Tensor          # [B, n] int64 token ids (padding 0)
-    positions: torch.Tensor  # [B, n] int64
-    base: torch.Tensor       # [B] int64
-    window: torch.Tensor     # [B, n, W] bool
-    num_valid: torch.Tensor  # [B] int64
+    """Host arrays (numpy: building and reading them launches nothing on a device)."""
+    x: np.ndarray          # [B, n] int64 token ids (padding 0)
+    positions: np.ndarray  # [B, n] int64
+    base: np.ndarray       # [B] int64
+    window: np.ndarray     # [B, n, W] bool
+    num_valid: np.ndarray  # [B] int64
 
 
 def causal_rows(tokens: list[int], start: int) -> Rows:
     """Plain causal rows appended at a committed length `start` (prefill, pending tokens)."""
     n = len(tokens)
-    return Rows(tokens, list(range(start, start + n)), start, torch.ones(n, n, dtype=torch.bool).tril())
+    return Rows(tokens, list(range(start, start + n)), start, np.tri(n, dtype=bool))
 
 
 def pack(rows: list[Rows]) -> Packed:
     """Right-pad every sequence's rows to the longest: padding tokens are id 0 at the last position
     (or base) and see nothing in the window (the cache lets each see itself)."""
-    n = max(len(r.tokens) for r in rows)
-    w = max(r.window.shape[1] for r in rows)
-    pad = [n - len(r.tokens) for r in rows]
-    x = torch.tensor([r.tokens + [0] * k for r, k in zip(rows, pad)], dtype=torch.long)
-    positions = torch.tensor([r.positions + [r.positions[-1] if r.positions else r.base] * k
-                              for r, k in zip(rows, pad)], dtype=torch.long)
-    window = torch.stack([F.pad(r.window, (0, w - r.window.shape[1], 0, k)) for r, k in zip(rows, pad)])
-    base = torch.tensor([r.base for r in rows], dtype=torch.long)
-    num_valid = torch.tensor([len(r.tokens) for r in rows], dtype=torch.long)
+    b, n = len(rows), max(len(r.tokens) for r in rows)
+    x, positions = np.zeros((b, n), np.int64), np.zeros((b, n), np.int64)
+    window = np.zeros((b, n, max(r.window.shape[1] for r in rows)), bool)
+    for i, r in enumerate(rows):
+        m = len(r.tokens)
+        x[i, :m], positions[i, :m] = r.tokens, r.positions
+        positions[i, m:] = r.positions[-1] if m else r.base
+        window[i, :m, :r.window.shape[1]] = np.asarray(r.window)
+    base = np.array([r.base for r in rows], np.int64)
+    num_valid = np.array([len(r.tokens) for r in rows], np.int64)
     return Packed(x, positions, base, window, num_valid)

@@ -1,8 +1,10 @@
-"""Pick the torch device a process should use from what it was given, and what memory it has free."""
+"""Pick the torch device a process should use from what it was given, what memory it has free, and
+move host arrays onto it."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -29,3 +31,10 @@ def free_memory(device: torch.device | str) -> int | None:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     return None
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`: zero-copy on the CPU (no torch op at all), one host-to-device copy
+    elsewhere."""
+    t = torch.from_numpy(a)
+    return t if device.type == "cpu" else t.to(device)

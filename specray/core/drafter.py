@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from specray.core.batch import Rows, causal_rows, pack
@@ -74,7 +75,7 @@ class Drafter:
 
     def _forward(self, slots: list[int], rows: list[Rows]) -> torch.Tensor:
         p = pack(rows)
-        return self.shard(p.x, self.cache, torch.tensor(slots), p.positions, p.base, p.window, p.num_valid)
+        return self.shard(p.x, self.cache, np.array(slots), p.positions, p.base, p.window, p.num_valid)
 
     def _laws(self, hidden: torch.Tensor, seqs: list[DraftSeq], fans: list[int],
               width: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -156,14 +157,14 @@ class Drafter:
             level = [s for s in seqs if s.last.tree.depth > depth]
             rows, parents = zip(*(self._level_rows(s, depth) for s in level))
             hidden = self._forward([s.slot for s in level], list(rows))
-            picks = torch.cat([hidden[i, torch.tensor(idx)] for i, idx in enumerate(parents)])
+            picks = hidden[[i for i, idx in enumerate(parents) for _ in idx], [j for idx in parents for j in idx]]
             owners = [s for s, idx in zip(level, parents) for _ in idx]
             probs, ranked, ranked_probs, picks = self._laws(picks, owners, [self._fan(s.last, depth) for s in owners],
                                                             max(s.last.ranked.shape[1] for s in level))
             r = 0
             for s in level:
                 for node in (-1,) if depth == 0 else s.last.tree.levels[depth - 1]:
-                    _keep(s.last, node + 1, r, ranked, ranked_probs, picks)
+                    _keep(s.last, node + 1, r, ranked, ranked_probs, picks, s.spec.mode == "async")
                     self._draw(s, node, None if probs is None else probs[r], ranked[r])
                     r += 1
 
@@ -178,7 +179,7 @@ class Drafter:
         if depth == 0:
             return causal_rows(seq.tokens[seq.base:], seq.base), [p - 1]
         nodes = tree.levels[depth - 1]
-        window = torch.zeros(len(nodes), p + nodes[-1] + 1, dtype=torch.bool)
+        window = np.zeros((len(nodes), p + nodes[-1] + 1), bool)
         window[:, :p] = True
         for i, j in enumerate(nodes):
             window[i, [p + a for a in tree.path(j)]] = True
@@ -218,14 +219,14 @@ class Drafter:
             r = 0
             for s in level:
                 for branch in s.cache.branches:
-                    _keep(branch, j, r, ranked, ranked_probs, picks)
+                    _keep(branch, j, r, ranked, ranked_probs, picks, True)
                     branch.tokens[j] = _children(s, None if probs is None else probs[r], ranked[r], 1)[0]
                     r += 1
 
     def _last_rows(self, seq: DraftSeq) -> Rows:
         """Feed x_K (never fed by propose) to learn the law after a full accept."""
         k, p = seq.last.tree.num_nodes, seq.pending
-        return Rows([seq.last.tokens[-1]], [seq.base + p - 1 + k], seq.base, torch.ones(1, p + k, dtype=torch.bool))
+        return Rows([seq.last.tokens[-1]], [seq.base + p - 1 + k], seq.base, np.ones((1, p + k), bool))
 
     def _guess(self, seq: DraftSeq, bonus_ids: torch.Tensor, bonus_probs: torch.Tensor) -> SpeculationCache:
         """The outcomes (k, b) to prepare (see ssd's docstring): per position, the ranked candidates
@@ -252,7 +253,7 @@ class Drafter:
         c = seq.cache
         p, k, m = c.pending, c.k, c.width
         outcomes = sorted(c.keys, key=c.keys.get)
-        window = torch.zeros(m, p + k + (j + 1) * m, dtype=torch.bool)
+        window = np.zeros((m, p + k + (j + 1) * m), bool)
         window[:, :p] = True
         for i, (accepted, _) in enumerate(outcomes):
             window[i, p:p + accepted] = True
@@ -296,11 +297,14 @@ def _children(seq: DraftSeq, probs: torch.Tensor | None, ranked: torch.Tensor, k
 
 
 def _keep(spec: Speculation, row: int, r: int, ranked: torch.Tensor, ranked_probs: torch.Tensor | None,
-          hidden: torch.Tensor | None) -> None:
-    """Record row r of _laws' output as law row `row` of `spec`: its ranked ids and their probabilities
-    (as many as the speculation keeps) and, unless the request is greedy, the hidden state verification
-    recomputes the law from."""
+          hidden: torch.Tensor | None, ssd: bool) -> None:
+    """Record row r of _laws' output as law row `row` of `spec`: for SSD its ranked ids and (sampled)
+    their probabilities, as many as the speculation keeps (its guesses come from them); unless the
+    request is greedy, the hidden state verification recomputes the law from."""
     w = spec.ranked.shape[1]
-    spec.ranked[row] = ranked[r, :w]
+    if ssd:
+        spec.ranked[row] = ranked[r, :w]
     if spec.hidden is not None:
-        spec.ranked_probs[row], spec.hidden[row] = ranked_probs[r, :w], hidden[r]
+        spec.hidden[row] = hidden[r]
+        if ssd:
+            spec.ranked_probs[row] = ranked_probs[r, :w]

@@ -6,9 +6,10 @@ length, `compact` keeps chosen rows (an accepted tree path) contiguously. The ca
 of tokens, trees or sampling."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from specray.core.device import free_memory
+from specray.core.device import free_memory, to_device
 
 
 class KVCache:
@@ -24,6 +25,7 @@ class KVCache:
         self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # per layer
         self.max_len = max_len
         self.lengths = torch.zeros(num_slots, dtype=torch.long)  # [num_slots], on the host
+        self._lengths = self.lengths.numpy()  # the same memory, for host bookkeeping that launches nothing
         self._free = list(range(num_slots - 1, -1, -1))
 
     @property
@@ -56,7 +58,11 @@ class KVCache:
                 cache[slot, :, base:base + n] = cache[slot, :, src]
         self.lengths[slot] = base + n
 
-    def attention_mask(self, slots: torch.Tensor, base: torch.Tensor, window: torch.Tensor,
+    def advance(self, slots: np.ndarray, n: np.ndarray | int) -> None:
+        """Count n more rows written to each of slots # [B] (n # [B] or one int)."""
+        self._lengths[slots] += n
+
+    def attention_mask(self, slots: np.ndarray, base: np.ndarray, window: np.ndarray,
                        n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Which rows n new rows appended to each slot see, and the rows they are written at.
 
@@ -64,17 +70,18 @@ class KVCache:
         base:   [B] rows below base are visible to every new token (the committed prefix).
         window: [B, n, W] bool: new token j sees row base + w iff window[b, j, w]; W spans the
                 tentative rows already written after base plus the n new rows.
-        Returns mask [B, 1, n, L] bool (True: visible; L = longest slot after the append) and write
-        rows [B, n], both on the cache's device.
+        Host arrays in; computed in numpy (nothing launched on a device), then one copy each:
+        mask [B, 1, n, L] bool (True: visible; L = longest slot after the append) and write rows
+        [B, n], on the cache's device.
         """
-        rows = self.lengths[slots][:, None] + torch.arange(n)  # [B, n]
+        rows = self._lengths[slots][:, None] + np.arange(n)  # [B, n]
         length = int(rows.max()) + 1
         if length > self.max_len:
             raise ValueError(f"sequence exceeds the KV cache length {self.max_len}")
-        col = torch.arange(length)  # [L]
+        col = np.arange(length)  # [L]
         rel = col - base[:, None]  # [B, L], position of each row relative to base
         w = window.shape[-1]
-        in_window = window.gather(-1, rel.clamp(0, w - 1)[:, None].expand(-1, n, -1)) & (rel < w)[:, None]
-        visible = in_window | (rel < 0)[:, None] | (col == rows[..., None])  # [B, n, L]; a token sees itself
+        seen = np.take_along_axis(window, np.broadcast_to(rel.clip(0, w - 1)[:, None], (len(rows), n, length)), -1)
+        visible = seen & (rel < w)[:, None] | (rel < 0)[:, None] | (col == rows[..., None])  # [B, n, L]; sees itself
         device = self.kv[0].device
-        return visible[:, None].to(device), rows.to(device)
+        return to_device(visible[:, None], device), to_device(rows, device)

@@ -7,11 +7,13 @@ committed prefix plus whatever rows its window mask allows, so one call serves p
 decoding, chain verification and tree verification alike. Knows nothing of sampling or Ray."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from specray.core.config import ModelConfig
+from specray.core.device import to_device
 from specray.core.kv_cache import KVCache
 
 
@@ -60,12 +62,12 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k, v = qkv.split((self.nh, self.nkv, self.nkv), dim=2)
             qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=2)
-        qkv = rotate(qkv, cos, sin)
+        q, kv = rotate(qkv, cos, sin).split((self.nh, 2 * self.nkv), dim=2)  # [B, n, nh | 2 nkv, hd]
         slot_col, rows, slots = where
-        kv_cache[slot_col, :, rows] = qkv[:, :, self.nh:]
-        kv = kv_cache[:, :, :mask.shape[-1]][slots]  # [B, 2 nkv, L, hd]
-        out = F.scaled_dot_product_attention(qkv[:, :, :self.nh].transpose(1, 2), kv[:, :self.nkv], kv[:, self.nkv:],
-                                             attn_mask=mask, enable_gqa=self.nh != self.nkv)  # [B, nh, n, hd]
+        kv_cache[slot_col, :, rows] = kv
+        k, v = kv_cache[:, :, :mask.shape[-1]][slots].chunk(2, dim=1)  # [B, nkv, L, hd] each
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                             enable_gqa=self.nh != self.nkv)  # [B, nh, n, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.nh * self.hd))
 
 
@@ -96,10 +98,21 @@ class DecoderLayer(nn.Module):
 
 
 def rope_buffers(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """What Shard.forward rotates with: inv_freq [hd/2] and, per head of the fused q|k|v layout,
-    qk_heads [nh + 2 nkv, 1] (1 on q and k heads, 0 on v heads) and v_heads = 1 - qk_heads."""
-    qk = torch.arange(cfg.num_heads + 2 * cfg.num_kv_heads) < cfg.num_heads + cfg.num_kv_heads
-    return {"inv_freq": cfg.inv_freq(), "qk_heads": qk[:, None].float(), "v_heads": (~qk)[:, None].float()}
+    """What Shard.forward rotates with: inv_freq [hd] (the frequencies twice, as rotate_half pairs the
+    halves) and, per head of the fused q|k|v layout, qk_heads [nh + 2 nkv, 1] (1 on q and k heads, 0
+    on v heads), v_heads = 1 - qk_heads, and sin_sign [nh + 2 nkv, hd] (qk_heads with the first half
+    negated)."""
+    qk = (torch.arange(cfg.num_heads + 2 * cfg.num_kv_heads) < cfg.num_heads + cfg.num_kv_heads)[:, None].float()
+    half = cfg.head_dim // 2
+    sign = torch.cat((-torch.ones(half), torch.ones(half)))
+    return {"inv_freq": cfg.inv_freq().repeat(2), "qk_heads": qk, "v_heads": 1 - qk, "sin_sign": qk * sign}
+
+
+HostArray = np.ndarray | torch.Tensor
+
+
+def _numpy(a: HostArray) -> np.ndarray:
+    return a if isinstance(a, np.ndarray) else a.numpy()
 
 
 class Shard(nn.Module):
@@ -127,30 +140,33 @@ class Shard(nn.Module):
                        p.dtype, p.device)
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
-                base: torch.Tensor, window: torch.Tensor, num_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: np.ndarray | torch.Tensor, cache: KVCache, slots: HostArray, positions: HostArray,
+                base: HostArray, window: HostArray, num_valid: HostArray | None = None) -> torch.Tensor:
         """Run n new tokens per sequence through this shard and append their K/V rows.
 
-        x:         [B, n] token ids (first shard) or [B, n, H] hidden states.
-        slots:     [B] KV slots (host tensor).
+        x:         [B, n] token ids (first shard; a HostArray) or [B, n, H] hidden states.
+        slots:     [B] KV slots.
         positions: [B, n] RoPE positions.
-        base, window: visibility, as `KVCache.attention_mask` defines them (host tensors).
+        base, window: visibility, as `KVCache.attention_mask` defines them.
         num_valid: [B] how many of the n tokens are real (the rest is padding); default all n.
+        Every HostArray is numpy or a CPU tensor (batch.pack builds numpy, which launches nothing).
         Returns hidden states [B, n, H], normalised by the final norm on the last shard.
         """
-        n = positions.shape[1]
-        h = self.embed_tokens(x.to(self.inv_freq.device)) if self.is_first else x
-        freqs = positions.to(h.device, torch.float32)[..., None] * self.inv_freq  # [B, n, hd/2]
-        c, s = freqs.cos(), freqs.sin()
-        # [B, n, nh + 2 nkv, hd] per head; sin's first half negated (rotate); v heads: cos 1, sin 0
-        cos = torch.addcmul(self.v_heads, torch.cat((c, c), dim=-1)[:, :, None], self.qk_heads).to(h.dtype)
-        sin = (torch.cat((-s, s), dim=-1)[:, :, None] * self.qk_heads).to(h.dtype)
+        slots, base, window = _numpy(slots), _numpy(base), _numpy(window)
+        n, device = window.shape[1], self.inv_freq.device
+        h = self.embed_tokens(to_device(_numpy(x), device)) if self.is_first else x
+        angles = to_device(_numpy(positions).astype(np.float32)[..., None, None], device) * self.inv_freq  # [B, n, 1, hd]
+        # per head of [B, n, nh + 2 nkv, hd]: v heads cos 1, sin 0; sin's first half negated (rotate)
+        cos = torch.addcmul(self.v_heads, angles.cos(), self.qk_heads)
+        sin = angles.sin() * self.sin_sign
+        if h.dtype != cos.dtype:
+            cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         mask, rows = cache.attention_mask(slots, base, window, n)
-        dev_slots = slots.to(h.device)
+        dev_slots = to_device(slots, device)
         where = (dev_slots[:, None], rows, dev_slots)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, cache.kv[i], where, mask)
-        cache.lengths[slots] += n if num_valid is None else num_valid
+        cache.advance(slots, n if num_valid is None else _numpy(num_valid))
         return self.norm(h) if self.is_last else h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from specray.core.batch import Rows, causal_rows, pack
@@ -110,7 +111,7 @@ class TargetStage:
             positions = [seq.base] + [seq.base + d for d in spec.tree.depths]
             rows.append(Rows([spec.root] + spec.tokens, positions, seq.base, spec.tree.mask))
         p = pack(rows)
-        slots = torch.tensor([self.seqs[s.rid].slot for s in specs])
+        slots = np.array([self.seqs[s.rid].slot for s in specs])
         return self.shard(p.x if x is None else x, self.cache, slots, p.positions, p.base, p.window, p.num_valid)
 
     def _verify(self, specs: list[Speculation], hidden: torch.Tensor) -> dict[str, Outcome]:
@@ -126,9 +127,8 @@ class TargetStage:
         q = self._draft_laws(sampled)
         out = {}
         for s, g in zip(specs, greedy):
-            tokens = torch.tensor(s.tokens, dtype=torch.long)
-            out[s.rid] = verify_greedy(s.tree, tokens, next(choices)) if g else \
-                verify_tree(s.tree, tokens, p[s.rid], q.get(s.rid), s.with_replacement, self.seqs[s.rid].rng)
+            out[s.rid] = verify_greedy(s.tree, s.tokens, next(choices)) if g else verify_tree(
+                s.tree, torch.tensor(s.tokens), p[s.rid], q.get(s.rid), s.with_replacement, self.seqs[s.rid].rng)
         return out
 
     @staticmethod

@@ -128,16 +128,17 @@ def verify_tree(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q: torch.Tens
         node = child
 
 
-def verify_greedy(tree: Tree, tokens: torch.Tensor, best: torch.Tensor) -> Outcome:
+def verify_greedy(tree: Tree, tokens: Sequence[int] | torch.Tensor, best: torch.Tensor) -> Outcome:
     """verify_tree for a greedy request, from the target's choices alone: best # [1+N] the target's
     argmax at the root (row 0) and at node j (row 1+j). p is then one-hot, so the first child in draw
     order that is the argmax is accepted (p / q >= 1) and every other rejected (p = 0); once all are,
     the correction is the argmax (max(0, p - q) keeps p's whole mass there). No V-wide row, no draw."""
+    best, tokens = best.tolist(), [int(t) for t in tokens]
     accepted: list[int] = []
     node = -1
     while True:
-        choice = int(best[node + 1])
-        child = next((c for c in tree.children(node) if int(tokens[c]) == choice), None)
+        choice = best[node + 1]
+        child = next((c for c in tree.children(node) if tokens[c] == choice), None)
         if child is None:
             return Outcome(tuple(accepted), choice)  # correction, or bonus at a leaf
         accepted.append(child)
