@@ -1,14 +1,15 @@
 """Load model shards and tokenizers from a Hugging Face checkpoint directory or a GGUF file.
 
 HF directories hold config.json plus model.safetensors or sharded safetensors with an index; a
-shard reads only the tensors of its own layer range. GGUF files are dequantised by transformers
-(needs the `gguf` package). Knows nothing of sampling or Ray."""
+shard reads only the tensors of its own layer range. GGUF files (the `gguf` package) likewise: a
+shard dequantises only its own tensors. Knows nothing of sampling or Ray."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,18 +38,35 @@ def _is_gguf(path: str) -> bool:
     return str(path).endswith(".gguf")
 
 
-def _gguf_tensors(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a GGUF file, dequantised to fp32 and named as transformers names it.
+def _gguf_tensors(path: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors of a GGUF file (every one if names is None), named as transformers names
+    them and dequantised to fp32: only these are dequantised, so a stage reads its own layers.
 
-    Goes through transformers' GGUF reader directly: `from_pretrained(gguf_file=...)` would also need
-    `accelerate`, which specray does not depend on."""
+    Uses transformers' GGUF name map and tensor processors (e.g. Llama's q/k un-permute) directly:
+    `from_pretrained(gguf_file=...)` would dequantise everything and also need `accelerate`."""
+    from gguf import GGUFReader, dequantize
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    d, f = os.path.split(os.path.abspath(path))
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map, load_gguf_checkpoint,
+                                                          read_field)
+    path = os.path.abspath(path)
+    d, f = os.path.split(path)
     with torch.device("meta"):  # only for the tensor-name mapping; holds no weights
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d, gguf_file=f))
-    return load_gguf_checkpoint(os.path.abspath(path), return_tensors=True, model_to_load=model,
-                                torch_dtype=torch.float32)["tensors"]
+    reader = GGUFReader(path)
+    processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
+        config=load_gguf_checkpoint(path, return_tensors=False)["config"])
+    hf_names = get_gguf_hf_weights_map(model, processor)  # GGUF tensor name -> transformers name
+    wanted = None if names is None else set(names)
+    out = {}
+    for tensor in reader.tensors:
+        name = hf_names.get(tensor.name)
+        if name is None or wanted is not None and name not in wanted:
+            continue
+        weights = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+                                    tensor_key_mapping=hf_names, parsed_parameters={}).weights
+        out[name] = torch.from_numpy(np.copy(weights)).float()
+    return out
 
 
 def load_transformers_model(path: str):
@@ -98,8 +116,8 @@ def _hf_tensors(path: str, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _tensors(path: str, names: list[str]) -> dict[str, torch.Tensor]:
-    """The named tensors of a safetensors checkpoint, or every tensor of a GGUF file."""
-    return _gguf_tensors(path) if _is_gguf(path) else _hf_tensors(path, names)
+    """The named tensors of a safetensors checkpoint or a GGUF file (those present)."""
+    return _gguf_tensors(path, names) if _is_gguf(path) else _hf_tensors(path, names)
 
 
 def _head_name(cfg: ModelConfig, source: dict[str, torch.Tensor]) -> str:
@@ -110,8 +128,10 @@ def _head_name(cfg: ModelConfig, source: dict[str, torch.Tensor]) -> str:
 def load_lm_head(path: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> nn.Linear:
     """The LM head alone of the model at `path` (the last target stage recomputes the draft's law with it)."""
     cfg = load_config(path)
-    source = _tensors(path, ["lm_head.weight", EMBED])
+    source = {} if cfg.tie_word_embeddings else _tensors(path, ["lm_head.weight"])
     name = _head_name(cfg, source)
+    if name == EMBED:
+        source = _tensors(path, [EMBED])
     if name not in source:
         raise ValueError(f"{path}: checkpoint lacks {name}")
     with torch.device("meta"):
@@ -134,9 +154,11 @@ def load_shard(path: str, start: int = 0, stop: int | None = None, dtype: str | 
     with torch.device("meta"):
         shard = Shard(cfg, start, stop)
     wanted = {name: checkpoint_names(name, shard.start) for name in shard.state_dict()}
-    source = _tensors(path, [hf for names in wanted.values() for hf in names] + [EMBED])
+    source = _tensors(path, [hf for names in wanted.values() for hf in names])
     if shard.is_last:
         wanted["lm_head.weight"] = (_head_name(cfg, source),)
+        if wanted["lm_head.weight"] == (EMBED,) and EMBED not in source:  # tied, on a stage without the embeddings
+            source.update(_tensors(path, [EMBED]))
     missing = [hf for names in wanted.values() for hf in names if hf not in source]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")

@@ -209,3 +209,21 @@ def test_gguf_round_trip(tied, tmp_path):
     tokenizer = load_tokenizer(str(path))  # built from the GGUF tokenizer section
     assert tokenizer.convert_ids_to_tokens([5, 17]) == ["<t5>", "<t17>"]
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+
+
+def test_a_gguf_stage_dequantises_only_its_own_layers(tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    model = make_hf_model("LlamaForCausalLM", num_hidden_layers=3)
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(model, path)
+    dequantised, dequantize = [], gguf.dequantize
+
+    def counting(data, kind):
+        dequantised.append(data.shape)
+        return dequantize(data, kind)
+    monkeypatch.setattr(gguf, "dequantize", counting)
+    shard = load_shard(str(path), 1, 2)  # a middle stage: layer 1 only, 9 tensors
+    assert len(dequantised) == 9 and not hasattr(shard, "embed_tokens") and not hasattr(shard, "lm_head")
+    state = model.state_dict()
+    for name, t in shard.state_dict().items():
+        torch.testing.assert_close(t, torch.cat([state[hf] for hf in checkpoint_names(name, 1)]), atol=0, rtol=0)
