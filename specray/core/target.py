@@ -17,7 +17,7 @@ from specray.core.model import Shard, head_logits
 from specray.core.sampling import SamplingParams, draft_law, make_generator, target_probs
 from specray.core.speculation import Speculation
 from specray.core.step import RoundResult, Work
-from specray.core.verify import Outcome, TorchRng, verify_greedy, verify_tree
+from specray.core.verify import Outcome, TorchRng, verify_chains, verify_greedy, verify_tree
 
 Prefilled = dict[str, torch.Tensor]  # rid -> hidden [1, n, H] of its prompt (to the next stage)
 Upstream = tuple[Prefilled, torch.Tensor | None] | None  # a stage's output: prefill and round hidden states
@@ -116,19 +116,42 @@ class TargetStage:
 
     def _verify(self, specs: list[Speculation], hidden: torch.Tensor) -> dict[str, Outcome]:
         """Accept or reject every speculation. hidden: [B, n, H] from this (the last) stage. Greedy
-        requests need only the target's argmax per row; sampled ones its V-wide laws and the draft's
-        on the host, where the walk runs."""
+        requests need only the target's argmax per row. Sampled chains are verified on this stage's
+        device, all at once (verify_chains); sampled trees walk their laws on the host (verify_tree)."""
         sizes = [1 + s.tree.num_nodes for s in specs]
         logits = self.shard.logits(torch.cat([hidden[b, :m] for b, m in enumerate(sizes)])).split(sizes)
         greedy = [self.seqs[s.rid].params.greedy for s in specs]
         choices = iter(self._choices([x for x, g in zip(logits, greedy) if g]))  # [1+N] each
+        out = {s.rid: verify_greedy(s.tree, s.tokens, next(choices)) for s, g in zip(specs, greedy) if g}
         sampled = [s for s, g in zip(specs, greedy) if not g]
         p = self._target_laws(sampled, [x for x, g in zip(logits, greedy) if not g])
         q = self._draft_laws(sampled)
+        chains = [s for s in sampled if s.tree.depth == s.tree.num_nodes and s.rid in q]
+        out.update(self._verify_chains(chains, p, q))
+        trees = [s for s in sampled if s.rid not in out]
+        p, q = _to_host(p, trees), _to_host(q, trees)
+        for s in trees:
+            out[s.rid] = verify_tree(s.tree, torch.tensor(s.tokens), p[s.rid], q.get(s.rid), s.with_replacement,
+                                     self.seqs[s.rid].rng)
+        return out
+
+    def _verify_chains(self, specs: list[Speculation], p: dict[str, torch.Tensor],
+                       q: dict[str, torch.Tensor]) -> dict[str, Outcome]:
+        """Sampled chains grouped by length K, each group verified on the device in one call: K + 1
+        uniforms per request from its own generator (so a seeded request replays whatever its batch),
+        then one [G, 2] copy back (accepted count, emitted token) per group."""
+        groups: dict[int, list[Speculation]] = {}
+        for s in specs:
+            groups.setdefault(s.tree.num_nodes, []).append(s)
         out = {}
-        for s, g in zip(specs, greedy):
-            out[s.rid] = verify_greedy(s.tree, s.tokens, next(choices)) if g else verify_tree(
-                s.tree, torch.tensor(s.tokens), p[s.rid], q.get(s.rid), s.with_replacement, self.seqs[s.rid].rng)
+        for k, group in groups.items():
+            device = p[group[0].rid].device
+            tokens = torch.tensor([s.tokens for s in group], dtype=torch.long).view(len(group), k).to(device)
+            u = torch.stack([torch.rand(k + 1, generator=self.seqs[s.rid].rng.generator, dtype=torch.float64)
+                             for s in group]).to(device)  # [G, K+1]
+            answer = verify_chains(tokens, torch.stack([p[s.rid] for s in group]),
+                                   torch.stack([q[s.rid] for s in group]), u).tolist()
+            out.update({s.rid: Outcome(tuple(range(n)), token) for s, (n, token) in zip(group, answer)})
         return out
 
     @staticmethod
@@ -141,17 +164,17 @@ class TargetStage:
 
     def _target_laws(self, specs: list[Speculation], logits: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The target's processed law at every row of each sampled speculation # {rid: [1+N, V]}, on
-        the host (this step's one V-wide device-to-host copy)."""
+        this stage's device."""
         if not specs:
             return {}
         params = [self.seqs[s.rid].params for s, rows in zip(specs, logits) for _ in range(len(rows))]
         probs = target_probs(torch.cat(logits)[:, None], params)[:, 0]  # [R, V]
-        return dict(zip((s.rid for s in specs), probs.cpu().split([len(rows) for rows in logits])))
+        return dict(zip((s.rid for s in specs), probs.split([len(rows) for rows in logits])))
 
     def _draft_laws(self, specs: list[Speculation]) -> dict[str, torch.Tensor]:
         """The law each sampled speculation's nodes drew their children from # {rid: [1+N, V]},
         recomputed from the draft's hidden states by the function the draft used (greedy ones ship
-        none: their children are point masses)."""
+        none: their children are point masses), on this stage's device."""
         shipped = [s for s in specs if s.hidden is not None]
         if not shipped:
             return {}
@@ -163,10 +186,18 @@ class TargetStage:
         cs = [s.saguaro_c for s in shipped for _ in range(len(s.hidden))]
         fans = [f for s in shipped for f in s.row_fans()]
         q = draft_law(head_logits(self.draft_head, hidden), params, fans, cs)  # [R, V]
-        return dict(zip((s.rid for s in shipped), q.cpu().split([len(s.hidden) for s in shipped])))
+        return dict(zip((s.rid for s in shipped), q.split([len(s.hidden) for s in shipped])))
 
     def commit(self, outcomes: dict[str, Outcome]) -> None:
         """Keep t0 and the accepted path's rows contiguously after the committed prefix."""
         for rid, out in outcomes.items():
             seq = self.seqs[rid]
             self.cache.compact(seq.slot, seq.base, [0] + [1 + j for j in out.accepted])
+
+
+def _to_host(laws: dict[str, torch.Tensor], specs: list[Speculation]) -> dict[str, torch.Tensor]:
+    """The laws of `specs` (those present) on the host, in one device-to-host copy."""
+    rids = [s.rid for s in specs if s.rid in laws]
+    if not rids:
+        return {}
+    return dict(zip(rids, torch.cat([laws[r] for r in rids]).cpu().split([len(laws[r]) for r in rids])))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from specray.core.sampling import sample
 from specray.core.tree import Tree
@@ -143,6 +144,37 @@ def verify_greedy(tree: Tree, tokens: Sequence[int] | torch.Tensor, best: torch.
             return Outcome(tuple(accepted), choice)  # correction, or bonus at a leaf
         accepted.append(child)
         node = child
+
+
+def verify_chains(tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """verify_tree for G chains of K drafted tokens at once, on the tensors' device (vectorised over
+    the batch and the chain; only the [G, 2] answer need leave it). The same rule with the same
+    uniforms: given u, the outcome equals verify_tree's with an Rng whose i-th accept() compares u[i]
+    and whose sample() draws with u[K] (tested).
+
+    tokens # [G, K] int64 drafted tokens; p # [G, K+1, V] fp32 target laws; q # [G, K+1, V] fp32
+    draft laws (row K unused); u # [G, K+1] fp64 uniforms in [0, 1): u[:, i] decides token i, u[:, K]
+    draws the correction or bonus. Returns # [G, 2] int64: tokens accepted, then the emitted token."""
+    g, k = tokens.shape
+    x = tokens[..., None]  # [G, K, 1]
+    p_x = p[:, :k].gather(-1, x)[..., 0]  # [G, K]
+    q_x = q[:, :k].gather(-1, x)[..., 0]
+    point = q_x == 0  # a deterministic candidate: its law is a point mass on it
+    ratio = p_x.double() / torch.where(point, 1.0, q_x).double()
+    accepted = (u[:, :k] < ratio).long().cumprod(-1).sum(-1)  # [G] leading accepts
+    rows = torch.arange(g, device=p.device)
+    target = p[rows, accepted]  # [G, V] the law at the first rejection, or after x_K
+    stop = accepted.clamp(max=max(k - 1, 0))
+    law = q[rows, stop]  # [G, V] the law the rejected token was drawn from (unused after x_K)
+    if k:
+        law = torch.where(point[rows, stop, None], F.one_hot(tokens[rows, stop], p.shape[-1]).to(law.dtype), law)
+    residual = (target - law).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)  # [G, 1]
+    corrected = torch.where(mass > RESIDUAL_EPS, residual / mass, target)
+    target = torch.where((accepted == k)[:, None], target, corrected)  # the bonus draws from p itself
+    cdf = target.double().cumsum(-1)  # [G, V]
+    token = torch.searchsorted(cdf, (u[:, k] * cdf[:, -1])[:, None], right=True)[:, 0]
+    return torch.stack((accepted, token), dim=1)
 
 
 def verify_batch(trees: Sequence[Tree], tokens: Sequence[torch.Tensor] | torch.Tensor,

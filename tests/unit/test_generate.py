@@ -130,12 +130,15 @@ def test_broken_rule_is_caught(tmp_path, monkeypatch):
     """Accepting every draft token (ignoring p/q) must fail the same test, for a draft that differs
     from the target as much as a real one does."""
     pair = make_pair(tmp_path, vocab=8, seed=1, noise=2.0, scale=2.0)
-    class AlwaysAccept(verify_mod.TorchRng):
+    class AlwaysAccept(verify_mod.TorchRng):  # trees: the host walk
         def accept(self, prob: float) -> bool:
             return True
     monkeypatch.setattr("specray.core.target.TorchRng", AlwaysAccept)
-    samples, law = sample_first_tokens(pair, SpeculationConfig("chain", 2), SamplingParams(1.0))
-    assert chi2_pvalue(samples, law) < 1e-6
+    chains = verify_mod.verify_chains  # chains: on the device, uniforms of 0 accept every token with p > 0
+    monkeypatch.setattr("specray.core.target.verify_chains", lambda tokens, p, q, u: chains(tokens, p, q, 0 * u))
+    for spec in (SpeculationConfig("chain", 2), SpeculationConfig("tree", 2, (2, 1))):
+        samples, law = sample_first_tokens(pair, spec, SamplingParams(1.0))
+        assert chi2_pvalue(samples, law) < 1e-6
 
 
 def test_stats_are_consistent(tiny_pair):
