@@ -18,7 +18,7 @@ import torch
 
 from specray.core.batch import Rows, causal_rows, pack
 from specray.core.model import Shard
-from specray.core.sampling import SamplingParams, draft_law, draw_children, make_generator, top_ids
+from specray.core.sampling import SamplingParams, draft_law, draw_children, draw_rows, make_generator, top_ids
 from specray.core.speculation import Speculation, SpeculationConfig
 from specray.core.ssd import SpeculationCache, geometric_fan_out, likely_outcomes, outcome_law
 from specray.core.step import Work
@@ -77,19 +77,32 @@ class Drafter:
         p = pack(rows)
         return self.shard(p.x, self.cache, np.array(slots), p.positions, p.base, p.window, p.num_valid)
 
-    def _laws(self, hidden: torch.Tensor, seqs: list[DraftSeq], fans: list[int],
-              width: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """hidden [R, H] (row r of seqs[r], weighted for fans[r]) -> its draft law [R, V], its `width`
-        highest-logit ids and their probabilities [R, W], and the hidden rows, on the host: the
-        draft's one sync per depth, since the next depth's tokens are drawn from these laws with the
-        host generator. All rows greedy: only the ids (the law, their probabilities and the hidden
-        rows are None), an argmax for one id."""
+    def _draw_rows(self, hidden: torch.Tensor, seqs: list[DraftSeq], fans: list[int], width: int,
+                   counts: list[int]) -> Drawn:
+        """hidden [R, H] (row r of seqs[r], weighted for fans[r]) -> counts[r] children drawn from row
+        r's draft law, its `width` highest-logit ids and their probabilities, and the hidden rows, on
+        the host. Greedy rows take their first ranked ids (draw_children's answer on a point mass). A
+        sampled row drawing one child (chains, SSD branches) is drawn where its law is (draw_rows: the
+        same inverse-CDF draw as on the host, from the sequence's generator), so no V-wide row leaves
+        the device; rows drawing several children (trees) bring their laws to the host for
+        draw_children."""
         logits = self.shard.logits(hidden)  # [R, V]
         ranked = logits.argmax(-1, keepdim=True) if width == 1 else top_ids(logits, width)  # [R, W]
         if all(s.params.greedy for s in seqs):
-            return None, ranked.cpu(), None, None
-        probs = draft_law(logits, [s.params for s in seqs], fans, [s.spec.saguaro_c for s in seqs])
-        return probs.cpu(), ranked.cpu(), probs.gather(-1, ranked).cpu(), hidden.cpu()
+            ranked = ranked.cpu()
+            return Drawn([ranked[r, :k].tolist() for r, k in enumerate(counts)], ranked, None, None)
+        probs = draft_law(logits, [s.params for s in seqs], fans, [s.spec.saguaro_c for s in seqs])  # [R, V]
+        single = [r for r, (s, k) in enumerate(zip(seqs, counts)) if not s.params.greedy and k == 1]
+        several = [r for r, (s, k) in enumerate(zip(seqs, counts)) if not s.params.greedy and k > 1]
+        ones = draw_rows(probs[single], ranked[single, 0], [seqs[r].generator for r in single]).tolist() if single else []
+        host = dict(zip(several, probs[several].cpu())) if several else {}
+        ranked_probs, ranked = probs.gather(-1, ranked).cpu(), ranked.cpu()
+        children = [ranked[r, :k].tolist() for r, k in enumerate(counts)]  # greedy rows, and rows drawing none
+        for r, token in zip(single, ones):
+            children[r] = [token]
+        for r, law in host.items():
+            children[r] = draw_children(law, ranked[r], counts[r], seqs[r].spec.with_replacement, seqs[r].generator)
+        return Drawn(children, ranked, ranked_probs, hidden.cpu())
 
     def _new_speculation(self, rid: str, seq: DraftSeq, root: int, tree: Tree) -> Speculation:
         """An empty speculation to draft into: node tokens, hidden states and ranked ids are filled by
@@ -159,14 +172,14 @@ class Drafter:
             hidden = self._forward([s.slot for s in level], list(rows))
             picks = hidden[[i for i, idx in enumerate(parents) for _ in idx], [j for idx in parents for j in idx]]
             owners = [s for s, idx in zip(level, parents) for _ in idx]
-            probs, ranked, ranked_probs, picks = self._laws(picks, owners, [self._fan(s.last, depth) for s in owners],
-                                                            max(s.last.ranked.shape[1] for s in level))
-            r = 0
-            for s in level:
-                for node in (-1,) if depth == 0 else s.last.tree.levels[depth - 1]:
-                    _keep(s.last, node + 1, r, ranked, ranked_probs, picks, s.spec.mode == "async")
-                    self._draw(s, node, None if probs is None else probs[r], ranked[r])
-                    r += 1
+            nodes = [node for s in level for node in ((-1,) if depth == 0 else s.last.tree.levels[depth - 1])]
+            drawn = self._draw_rows(picks, owners, [self._fan(s.last, depth) for s in owners],
+                                    max(s.last.ranked.shape[1] for s in level),
+                                    [len(s.last.tree.children(node)) for s, node in zip(owners, nodes)])
+            for r, (s, node) in enumerate(zip(owners, nodes)):
+                _keep(s.last, node + 1, r, drawn, s.spec.mode == "async")
+                for child, token in zip(s.last.tree.children(node), drawn.children[r]):
+                    s.last.tokens[child] = token
 
     @staticmethod
     def _fan(spec: Speculation, position: int) -> int:
@@ -186,13 +199,6 @@ class Drafter:
         positions = [seq.base + p - 1 + depth] * len(nodes)
         return Rows([seq.last.tokens[j] for j in nodes], positions, seq.base, window), list(range(len(nodes)))
 
-    def _draw(self, seq: DraftSeq, node: int, probs: torch.Tensor | None, ranked: torch.Tensor) -> None:
-        """Draw node's children from probs # [V] (ranked # [W]: its highest-logit ids)."""
-        spec = seq.last
-        children = spec.tree.children(node)
-        for child, token in zip(children, _children(seq, probs, ranked, len(children))):
-            spec.tokens[child] = token
-
     def prepare(self, work: Work) -> None:
         """SSD: while the target verifies, draft the next round for each likely outcome (k, b) of the
         sequences `propose(work)` just sent."""
@@ -201,9 +207,9 @@ class Drafter:
         if not seqs:
             return
         last = self._forward([s.slot for s in seqs], [self._last_rows(s) for s in seqs])[:, 0]  # [B, H]
-        _, bonus_ids, bonus_probs, _ = self._laws(last, seqs, [0] * len(seqs), max(s.last.ranked.shape[1] for s in seqs))
-        bonus_probs = torch.zeros(bonus_ids.shape) if bonus_probs is None else bonus_probs  # greedy: unread
-        for s, ids, probs in zip(seqs, bonus_ids, bonus_probs):
+        bonus = self._draw_rows(last, seqs, [0] * len(seqs), max(s.last.ranked.shape[1] for s in seqs), [0] * len(seqs))
+        bonus_probs = torch.zeros(bonus.ranked.shape) if bonus.ranked_probs is None else bonus.ranked_probs  # greedy: unread
+        for s, ids, probs in zip(seqs, bonus.ranked, bonus_probs):
             s.cache = self._guess(s, ids, probs)
         for j in range(max(s.cache.k for s in seqs)):
             level = [s for s in seqs if s.cache.k > j and s.cache.width]
@@ -214,14 +220,12 @@ class Drafter:
             picks = torch.cat([hidden[i, :w] for i, w in enumerate(m)])
             owners = [s for s, w in zip(level, m) for _ in range(w)]
             fans = [self._fan(branch, j) for s in level for branch in s.cache.branches]
-            probs, ranked, ranked_probs, picks = self._laws(
-                picks, owners, fans, max(b.ranked.shape[1] for s in level for b in s.cache.branches))
-            r = 0
-            for s in level:
-                for branch in s.cache.branches:
-                    _keep(branch, j, r, ranked, ranked_probs, picks, True)
-                    branch.tokens[j] = _children(s, None if probs is None else probs[r], ranked[r], 1)[0]
-                    r += 1
+            drawn = self._draw_rows(picks, owners, fans, max(b.ranked.shape[1] for s in level for b in s.cache.branches),
+                                    [1] * len(owners))
+            branches = [branch for s in level for branch in s.cache.branches]
+            for r, branch in enumerate(branches):
+                _keep(branch, j, r, drawn, True)
+                branch.tokens[j] = drawn.children[r][0]
 
     def _last_rows(self, seq: DraftSeq) -> Rows:
         """Feed x_K (never fed by propose) to learn the law after a full accept."""
@@ -286,25 +290,24 @@ class Drafter:
                 self.cache.compact(seq.slot, seq.base, list(range(seq.pending)) + fed)
 
 
-def _children(seq: DraftSeq, probs: torch.Tensor | None, ranked: torch.Tensor, k: int) -> list[int]:
-    """k children drawn from a node's law probs # [V] (sampling.draw_children; branches of an SSD cache
-    are drawn like a chain's, without replacement), ranked # [W] its highest-logit ids. Greedy: the
-    first k ranked ids, which is what draw_children returns on the greedy law (a point mass on the
-    argmax, then deterministic candidates)."""
-    if seq.params.greedy:
-        return ranked[:k].tolist()
-    return draw_children(probs, ranked, k, seq.spec.with_replacement, seq.generator)
+@dataclass
+class Drawn:
+    """One forward's draws (Drafter._draw_rows), on the host: per row its children's tokens, its ranked
+    ids # [R, W] and, unless every row is greedy, their probabilities # [R, W] and the hidden rows # [R, H]."""
+    children: list[list[int]]
+    ranked: torch.Tensor
+    ranked_probs: torch.Tensor | None
+    hidden: torch.Tensor | None
 
 
-def _keep(spec: Speculation, row: int, r: int, ranked: torch.Tensor, ranked_probs: torch.Tensor | None,
-          hidden: torch.Tensor | None, ssd: bool) -> None:
-    """Record row r of _laws' output as law row `row` of `spec`: for SSD its ranked ids and (sampled)
-    their probabilities, as many as the speculation keeps (its guesses come from them); unless the
-    request is greedy, the hidden state verification recomputes the law from."""
+def _keep(spec: Speculation, row: int, r: int, drawn: Drawn, ssd: bool) -> None:
+    """Record row r of `drawn` as law row `row` of `spec`: for SSD its ranked ids and (sampled) their
+    probabilities, as many as the speculation keeps (its guesses come from them); unless the request
+    is greedy, the hidden state verification recomputes the law from."""
     w = spec.ranked.shape[1]
     if ssd:
-        spec.ranked[row] = ranked[r, :w]
+        spec.ranked[row] = drawn.ranked[r, :w]
     if spec.hidden is not None:
-        spec.hidden[row] = hidden[r]
+        spec.hidden[row] = drawn.hidden[r]
         if ssd:
-            spec.ranked_probs[row] = ranked_probs[r, :w]
+            spec.ranked_probs[row] = drawn.ranked_probs[r, :w]

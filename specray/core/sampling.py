@@ -149,6 +149,17 @@ def draw(probs: torch.Tensor, k: int, generator: torch.Generator | None) -> list
     return torch.searchsorted(cdf, u, right=True).tolist()
 
 
+def draw_rows(probs: torch.Tensor, fallback: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token from each row of probs # [M, V] where it lies (any device), by draw's inverse CDF with
+    one uniform from each row's host generator: the token `draw(probs[m], 1, generators[m])` returns,
+    without bringing the row to the host. A row with no mass takes fallback # [M] (its best id, as
+    draw_children's deterministic candidates do). Returns # [M] int64 on probs' device."""
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(probs.device)  # [M]
+    cdf = probs.double().cumsum(-1)  # [M, V]
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return torch.where(cdf[:, -1] > 0, token, fallback)
+
+
 def draw_children(probs: torch.Tensor, ranked: torch.Tensor, k: int, with_replacement: bool,
                   generator: torch.Generator | None) -> list[int]:
     """Draw k children tokens for one node, in draw order.

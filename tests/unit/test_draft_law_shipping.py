@@ -18,9 +18,11 @@ from specray.core.target import TargetStage
 
 @pytest.fixture
 def drawn(monkeypatch) -> list[torch.Tensor]:
-    """Every law the drafter draws children from, in draw order."""
-    laws, real = [], drafter_mod.draw_children
-    monkeypatch.setattr(drafter_mod, "draw_children", lambda probs, *args: laws.append(probs.clone()) or real(probs, *args))
+    """Every law the drafter draws children from: on the host (draw_children, trees) or where the law
+    is (draw_rows, one child per row)."""
+    laws, children, rows = [], drafter_mod.draw_children, drafter_mod.draw_rows
+    monkeypatch.setattr(drafter_mod, "draw_children", lambda probs, *args: laws.append(probs.clone()) or children(probs, *args))
+    monkeypatch.setattr(drafter_mod, "draw_rows", lambda probs, *args: laws.extend(probs.clone()) or rows(probs, *args))
     return laws
 
 

@@ -10,7 +10,9 @@ from scipy import stats
 from specray.core.sampling import (
     SamplingParams,
     draft_law,
+    draw,
     draw_children,
+    draw_rows,
     make_generator,
     sample,
     target_probs,
@@ -161,3 +163,14 @@ def test_generators_are_reproducible_and_streams_differ():
 
 def test_sample_point_mass():
     assert sample(torch.tensor([0.0, 0, 1, 0]), make_generator(0, "t")) == 2
+
+
+def test_draw_rows_is_draw_row_by_row():
+    """The device-side single draw takes the same token as the host draw from the same generator state."""
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(2 * torch.randn(64, 50, generator=g), -1)
+    probs[5] = 0  # no mass: the fallback id
+    seeds = list(range(64))
+    got = draw_rows(probs, torch.full((64,), 7), [make_generator(s, "draft") for s in seeds]).tolist()
+    want = [draw(row, 1, make_generator(s, "draft"))[0] if row.sum() > 0 else 7 for row, s in zip(probs, seeds)]
+    assert got == want
