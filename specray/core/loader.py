@@ -46,9 +46,13 @@ def _gguf_tensors(path: str, names: list[str] | None = None) -> dict[str, torch.
     `from_pretrained(gguf_file=...)` would dequantise everything and also need `accelerate`."""
     from gguf import GGUFReader, dequantize
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                          get_gguf_hf_weights_map, load_gguf_checkpoint,
-                                                          read_field)
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
     path = os.path.abspath(path)
     d, f = os.path.split(path)
     with torch.device("meta"):  # only for the tensor-name mapping; holds no weights

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
 MIN_TEMPERATURE = 0.01  # a positive temperature below this is raised to it (vLLM does the same): logits
 #                         divided by ~1e-45 overflow to inf and the law turns NaN
 

@@ -249,3 +249,40 @@ def models_response(model_ids: list[str]) -> dict:
     now = int(time.time())
     return {"object": "list",
             "data": [{"id": m, "object": "model", "created": now, "owned_by": "specray"} for m in model_ids]}
+
+
+class TokenizeRequest(ClosedModel):
+    """POST /tokenize (vLLM's): a prompt, or chat messages rendered by the chat template."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = False  # what this server feeds the model for a completions prompt
+
+    @field_validator("messages")
+    @classmethod
+    def _some(cls, value):
+        if value is not None and not value:
+            raise ValueError("give at least one message")
+        return value
+
+
+class DetokenizeRequest(ClosedModel):
+    """POST /detokenize (vLLM's)."""
+    model: str | None = None
+    tokens: list[int]
+
+
+def tokenize_response(body: TokenizeRequest, tokenizer, max_model_len: int) -> dict:
+    """vLLM's answer to /tokenize: the ids the server would feed the model, their count, the context."""
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidArgument("prompt", "give exactly one of prompt and messages")
+    text = body.prompt if body.messages is None else chat_prompt(body.messages, tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+    return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+
+
+def detokenize_response(body: DetokenizeRequest, tokenizer, vocab_size: int) -> dict:
+    bad = [t for t in body.tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidArgument("tokens", f"token ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
+    return {"prompt": tokenizer.decode(body.tokens)}

@@ -1,4 +1,5 @@
-"""The OpenAI-style HTTP routes on top of `Service`: /v1/completions, /v1/chat/completions, /v1/models.
+"""The OpenAI-style HTTP routes on top of `Service`: /v1/completions, /v1/chat/completions, /v1/models,
+and vLLM's /tokenize and /detokenize.
 
 Bodies are parsed here (not by FastAPI) so that errors keep OpenAI's shape: 400 for bad fields
 (naming them), 429 when the replica's queue is full, 503 while it cannot serve. A stream's first
@@ -50,6 +51,27 @@ async def _handle(service: Service, model: str, body: bytes, schema, to_fields, 
     except InvalidArgument as e:
         return _error(e, chat)
     return await _respond(service, model, fields, req.stream, _include_usage(req), chat)
+
+
+async def tokenize(service: Service, body: bytes):
+    return _answer(body, oa.TokenizeRequest,
+                   lambda req: oa.tokenize_response(req, service.tokenizer, service.limits.max_context))
+
+
+async def detokenize(service: Service, body: bytes):
+    return _answer(body, oa.DetokenizeRequest,
+                   lambda req: oa.detokenize_response(req, service.tokenizer, service.limits.vocab_size))
+
+
+def _answer(body: bytes, schema, respond):
+    """A small request answered at once: its response, or 400 naming the field."""
+    try:
+        return respond(schema.model_validate_json(body))
+    except ValidationError as e:
+        param, message = oa.describe_validation_error(e)
+        return JSONResponse(oa.error_body(message, "invalid_request_error", param, 400), status_code=400)
+    except InvalidArgument as e:
+        return _error(e, chat=False)
 
 
 def models(model: str) -> dict:

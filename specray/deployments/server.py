@@ -5,9 +5,10 @@ The replica loads the models in its constructor, so Serve routes nothing to it b
 ready (a new autoscaled replica takes no traffic while loading). Both ingresses share `Service`."""
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from ray import serve
 
+import specray
 from specray.core.loader import load_config, load_tokenizer
 from specray.deployments import grpc_ingress, openai_routes
 from specray.deployments.config import AppConfig
@@ -71,6 +72,35 @@ class SpecDecodeServer:
     @api.get("/v1/models")
     async def models(self):
         return openai_routes.models(self.model_name)
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request):
+        return await openai_routes.tokenize(self.service, await request.body())
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request):
+        return await openai_routes.detokenize(self.service, await request.body())
+
+    # ---- probes, as vLLM answers them: 200 with an empty body while the replica can serve -----
+
+    @api.get("/health")
+    async def health(self):
+        return self._probe()
+
+    @api.api_route("/ping", methods=["GET", "POST"])
+    async def ping(self):
+        return self._probe()
+
+    @api.get("/version")
+    async def version(self):
+        return {"version": specray.__version__}
+
+    def _probe(self) -> Response:
+        try:
+            self.service.host.check_health()
+        except RuntimeError:
+            return Response(status_code=503)
+        return Response(status_code=200)
 
     # ---- Serve lifecycle ----------------------------------------------------------------------
 

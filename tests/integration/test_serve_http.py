@@ -5,6 +5,10 @@ extra body fields, usage and speculation statistics in the response, /v1/models,
 answered 400 with the offending field named. Greedy text equals the target's own greedy decoding."""
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
+
 import pytest
 from conftest import target_greedy
 from serving import free_port, serve_apps
@@ -67,6 +71,37 @@ def test_chat_completion_plain_and_streamed(client):
 
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == ["demo"]
+
+
+def call(url: str, method: str = "GET", body: dict | None = None) -> tuple[int, bytes]:
+    """A raw HTTP call (status, body), as a client that is not the openai package makes it."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_probes_and_tokenizer_endpoints_answer_as_vllm(client):
+    """What vLLM clients and load generators call besides /v1: /health, /ping, /version, /tokenize, /detokenize."""
+    root = str(client.base_url).rstrip("/").removesuffix("/v1")
+    for method, path in [("GET", "/health"), ("GET", "/ping"), ("POST", "/ping")]:
+        assert call(root + path, method) == (200, b"")
+    assert json.loads(call(root + "/version")[1])["version"]
+    status, out = call(root + "/tokenize", "POST", {"model": "demo", "prompt": PROMPT})
+    tokens = json.loads(out)
+    usage = client.completions.create(model="demo", prompt=PROMPT, max_tokens=1).usage
+    assert status == 200 and tokens["count"] == len(tokens["tokens"]) == usage.prompt_tokens
+    assert tokens["max_model_len"] == 512
+    assert json.loads(call(root + "/detokenize", "POST", {"tokens": tokens["tokens"]})[1]) == {"prompt": PROMPT}
+    chat = json.loads(call(root + "/tokenize", "POST", {"messages": [{"role": "user", "content": "hi"}]})[1])
+    assert chat["count"] > 2
+    for path, body, param in [("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": "x", "foo": 1}, "foo"),
+                              ("/detokenize", {"tokens": [10 ** 9]}, "tokens")]:
+        status, out = call(root + path, "POST", body)
+        assert status == 400 and json.loads(out)["error"]["param"] == param
 
 
 @pytest.mark.parametrize("kwargs, param", [
