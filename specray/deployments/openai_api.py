@@ -54,7 +54,8 @@ class Speculation(ClosedModel):
 
 
 class StreamOptions(ClosedModel):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the whole usage
+    continuous_usage_stats: bool = False  # with include_usage: every chunk carries the usage so far (vLLM's)
 
 
 class Common(ClosedModel):

@@ -50,7 +50,7 @@ async def _handle(service: Service, model: str, body: bytes, schema, to_fields, 
         return JSONResponse(oa.error_body(message, "invalid_request_error", param, 400), status_code=400)
     except InvalidArgument as e:
         return _error(e, chat)
-    return await _respond(service, model, fields, req.stream, _include_usage(req), chat)
+    return await _respond(service, model, fields, req.stream, _usage_options(req), chat)
 
 
 async def tokenize(service: Service, body: bytes):
@@ -78,11 +78,14 @@ def models(model: str) -> dict:
     return oa.models_response([model])
 
 
-def _include_usage(req: oa.Common) -> bool:
-    return bool(req.stream_options and req.stream_options.include_usage)
+def _usage_options(req: oa.Common) -> tuple[bool, bool]:
+    """(a last usage chunk, usage in every chunk): stream_options.include_usage, and with it
+    continuous_usage_stats, as vLLM reads them."""
+    options = req.stream_options or oa.StreamOptions()
+    return options.include_usage, options.include_usage and options.continuous_usage_stats
 
 
-async def _respond(service: Service, model: str, fields: RequestFields, stream: bool, include_usage: bool,
+async def _respond(service: Service, model: str, fields: RequestFields, stream: bool, usage: tuple[bool, bool],
                    chat: bool):
     rid, created = uuid.uuid4().hex, int(time.time())
     deltas = service.stream(fields)
@@ -91,7 +94,7 @@ async def _respond(service: Service, model: str, fields: RequestFields, stream: 
     except ERRORS as e:
         return _error(e, chat)
     if stream:
-        events = _events(service, model, fields, rid, created, first, deltas, include_usage, chat)
+        events = _events(service, model, fields, rid, created, first, deltas, usage, chat)
         return StreamingResponse(events, media_type="text/event-stream")
     text, count, done = first.text, len(first.token_ids), first
     try:
@@ -108,17 +111,22 @@ async def _respond(service: Service, model: str, fields: RequestFields, stream: 
 
 
 async def _events(service: Service, model: str, fields: RequestFields, rid: str, created: int, first: Delta,
-                  deltas: AsyncIterator[Delta], include_usage: bool, chat: bool) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per committed block; the last has the finish reason and stats."""
+                  deltas: AsyncIterator[Delta], usage: tuple[bool, bool], chat: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per committed block; the last has the finish reason and stats.
+    usage: (a last usage chunk, the usage so far in every chunk)."""
+    (last_usage, every_chunk), prompt_tokens = usage, service.prompt_tokens(fields)
     count, delta, is_first = 0, first, True
     try:
         while True:
             count += len(delta.token_ids)
             reason = oa.openai_finish_reason(delta.finish_reason)
             if chat:
-                yield oa.sse(oa.chat_chunk(rid, model, delta.text, reason, delta.stats, first=is_first, created=created))
+                chunk = oa.chat_chunk(rid, model, delta.text, reason, delta.stats, first=is_first, created=created)
             else:
-                yield oa.sse(oa.completion_chunk(rid, model, delta.text, reason, delta.stats, created=created))
+                chunk = oa.completion_chunk(rid, model, delta.text, reason, delta.stats, created=created)
+            if every_chunk:
+                chunk["usage"] = oa.usage_dict(prompt_tokens, count)
+            yield oa.sse(chunk)
             if delta.finish_reason:
                 break
             delta, is_first = await anext(deltas), False
@@ -127,7 +135,6 @@ async def _events(service: Service, model: str, fields: RequestFields, rid: str,
         return
     finally:
         await deltas.aclose()  # frees the request's slot at once if the client went away
-    if include_usage:
-        usage = oa.usage_dict(service.prompt_tokens(fields), count)
-        yield oa.sse(oa.usage_chunk(rid, model, usage, chat=chat, created=created))
+    if last_usage:
+        yield oa.sse(oa.usage_chunk(rid, model, oa.usage_dict(prompt_tokens, count), chat=chat, created=created))
     yield oa.SSE_DONE

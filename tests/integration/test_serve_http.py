@@ -104,6 +104,18 @@ def test_probes_and_tokenizer_endpoints_answer_as_vllm(client):
         assert status == 400 and json.loads(out)["error"]["param"] == param
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client):
+    """vLLM's stream_options.continuous_usage_stats, which vLLM load generators send."""
+    root = str(client.base_url).rstrip("/").removesuffix("/v1")
+    status, out = call(root + "/v1/completions", "POST", {
+        "model": "demo", "prompt": PROMPT, "max_tokens": 8, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    events = [json.loads(line[6:]) for line in out.decode().splitlines() if line.startswith("data: {")]
+    assert status == 200 and all("usage" in e for e in events)
+    done = [e["usage"]["completion_tokens"] for e in events]
+    assert done == sorted(done) and done[-1] == 8 and not events[-1]["choices"]  # the last: the usage chunk
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"max_tokens": -1}, "max_tokens"),
     ({"temperature": -0.5}, "temperature"),
