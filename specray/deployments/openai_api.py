@@ -1,6 +1,7 @@
 """OpenAI-style JSON <-> specray: request bodies in as `RequestFields`, engine output out as OpenAI objects.
 
-In: `CompletionRequest` / `ChatCompletionRequest` (pydantic, unknown fields rejected), turned into
+In: `CompletionRequest` / `ChatCompletionRequest` (pydantic; unknown fields ignored and listed by
+`ignored_fields`, as vLLM does, except inside specray's own `speculation`), turned into
 `RequestFields` by `completion_fields` / `chat_fields`; `to_engine_request` then applies the server's
 defaults and limits. Out: plain dicts in OpenAI's shapes (`completion_response`, `chat_chunk`, ...),
 each carrying the request's speculation statistics under a top-level "speculation" key when given,
@@ -8,7 +9,8 @@ and `sse` to frame them as server-sent events.
 
 Differences from OpenAI: an omitted (or null) sampling field takes the *server's* default, so an
 omitted temperature means greedy (0), not 1. Extensions: `top_k`, `ignore_eos`, and `speculation`
-(sent with the OpenAI client's `extra_body`). Not supported: n > 1, echo, logprobs, several prompts
+(sent with the OpenAI client's `extra_body`). Not supported yet (400): n > 1, echo, logprobs, penalties,
+logit_bias and min_tokens other than their neutral values (NOT_YET), several prompts
 in one request. Knows nothing of Ray, Serve, HTTP frameworks or protobuf."""
 from __future__ import annotations
 
@@ -38,8 +40,27 @@ def _as_list(value):
 
 
 class ClosedModel(BaseModel):
-    """A body (or part of one) that rejects unknown fields."""
+    """Part of a body that rejects unknown fields: specray's own `speculation`, where a misspelt
+    setting is a mistake no other client makes."""
     model_config = ConfigDict(extra="forbid")
+
+
+class OpenModel(BaseModel):
+    """A body (or part of one) that ignores fields it does not know, as vLLM's server does, so clients
+    written for OpenAI or vLLM work; `ignored_fields` lists them for the reply and the log."""
+    model_config = ConfigDict(extra="allow")
+
+
+def ignored_fields(body: BaseModel, prefix: str = "") -> list[str]:
+    """The paths of every field of `body` (nested parts included) that was given and is not known."""
+    out = [prefix + name for name in body.model_extra or {}]
+    for name in type(body).model_fields:
+        value = getattr(body, name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, OpenModel):
+                out += ignored_fields(item, f"{prefix}{name}{f'[{i}]' if isinstance(value, list) else ''}.")
+    return out
 
 
 class Speculation(ClosedModel):
@@ -53,12 +74,12 @@ class Speculation(ClosedModel):
     backup: Literal[BACKUPS] | None = None
 
 
-class StreamOptions(ClosedModel):
+class StreamOptions(OpenModel):
     include_usage: bool = False  # a last chunk with the whole usage
     continuous_usage_stats: bool = False  # with include_usage: every chunk carries the usage so far (vLLM's)
 
 
-class Common(ClosedModel):
+class Common(OpenModel):
     """The fields completions and chat completions share."""
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -71,6 +92,12 @@ class Common(ClosedModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False
+    # known, honoured only at their neutral value for now (NOT_YET): anything else is a 400, not a silent no-op
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted and ignored
     speculation: Speculation | None = None
 
@@ -90,7 +117,7 @@ class CompletionRequest(Common):
         raise ValueError("must be a string or a list of token ids")
 
 
-class ChatMessage(ClosedModel):
+class ChatMessage(OpenModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
@@ -98,6 +125,12 @@ class ChatMessage(ClosedModel):
 class ChatCompletionRequest(Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+NOT_YET = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
+           "logit_bias": {}, "top_logprobs": 0}  # field -> the one value honoured now
 
 
 def _common_fields(body: Common) -> dict:
@@ -106,6 +139,10 @@ def _common_fields(body: Common) -> dict:
         raise InvalidArgument("n", f"only n=1 is supported, got {body.n}")
     if body.stream_options is not None and not body.stream:
         raise InvalidArgument("stream_options", "only allowed when stream is true")
+    for name, neutral in NOT_YET.items():
+        value = getattr(body, name, None)
+        if value is not None and value != neutral:
+            raise InvalidArgument(name, f"{name}={value!r} is not supported yet (leave it out or send {neutral!r})")
     return dict(temperature=body.temperature or 0.0, top_p=body.top_p or 0.0, top_k=body.top_k or 0,
                 seed=body.seed, stop=list(body.stop), ignore_eos=body.ignore_eos,
                 **(body.speculation or Speculation()).model_dump())
@@ -137,6 +174,8 @@ def chat_fields(body: ChatCompletionRequest, tokenizer) -> RequestFields:
     """The request behind a /v1/chat/completions body, or InvalidArgument naming the offending field."""
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise InvalidArgument("max_completion_tokens", "give max_tokens or max_completion_tokens, not both")
+    if body.logprobs:
+        raise InvalidArgument("logprobs", "logprobs are not supported yet")
     common = _common_fields(body)
     return RequestFields(prompt=chat_prompt(body.messages, tokenizer),
                          max_tokens=body.max_completion_tokens or body.max_tokens or 0, **common)
@@ -252,7 +291,7 @@ def models_response(model_ids: list[str]) -> dict:
             "data": [{"id": m, "object": "model", "created": now, "owned_by": "specray"} for m in model_ids]}
 
 
-class TokenizeRequest(ClosedModel):
+class TokenizeRequest(OpenModel):
     """POST /tokenize (vLLM's): a prompt, or chat messages rendered by the chat template."""
     model: str | None = None
     prompt: str | None = None
@@ -267,7 +306,7 @@ class TokenizeRequest(ClosedModel):
         return value
 
 
-class DetokenizeRequest(ClosedModel):
+class DetokenizeRequest(OpenModel):
     """POST /detokenize (vLLM's)."""
     model: str | None = None
     tokens: list[int]

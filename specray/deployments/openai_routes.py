@@ -1,12 +1,15 @@
 """The OpenAI-style HTTP routes on top of `Service`: /v1/completions, /v1/chat/completions, /v1/models,
 and vLLM's /tokenize and /detokenize.
 
-Bodies are parsed here (not by FastAPI) so that errors keep OpenAI's shape: 400 for bad fields
-(naming them), 429 when the replica's queue is full, 503 while it cannot serve. A stream's first
-delta is awaited before the response starts, so errors found on admission are still HTTP statuses;
-a failure after that ends the event stream with an `error` event."""
+Bodies are parsed here (not by FastAPI) so that errors keep OpenAI's shape: 400 for bad values
+(naming the field), 429 when the replica's queue is full, 503 while it cannot serve. Fields the
+server does not know are ignored, as vLLM does, and named in the `x-specray-ignored-fields`
+response header and the log. A stream's first delta is awaited before the response starts, so
+errors found on admission are still HTTP statuses; a failure after that ends the event stream with
+an `error` event."""
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +23,8 @@ from specray.deployments.service import Service
 from specray.deployments.validation import InvalidArgument, RequestFields
 from specray.engine import Delta
 
+IGNORED_HEADER = "x-specray-ignored-fields"
+logger = logging.getLogger(__name__)
 STATUS = {InvalidArgument: (400, "invalid_request_error"), QueueFull: (429, "rate_limit_exceeded"),
           Unavailable: (503, "service_unavailable")}
 ERRORS = tuple(STATUS)
@@ -50,7 +55,7 @@ async def _handle(service: Service, model: str, body: bytes, schema, to_fields, 
         return JSONResponse(oa.error_body(message, "invalid_request_error", param, 400), status_code=400)
     except InvalidArgument as e:
         return _error(e, chat)
-    return await _respond(service, model, fields, req.stream, _usage_options(req), chat)
+    return _noting(await _respond(service, model, fields, req.stream, _usage_options(req), chat), oa.ignored_fields(req))
 
 
 async def tokenize(service: Service, body: bytes):
@@ -66,12 +71,25 @@ async def detokenize(service: Service, body: bytes):
 def _answer(body: bytes, schema, respond):
     """A small request answered at once: its response, or 400 naming the field."""
     try:
-        return respond(schema.model_validate_json(body))
+        req = schema.model_validate_json(body)
+        return _noting(respond(req), oa.ignored_fields(req))
     except ValidationError as e:
         param, message = oa.describe_validation_error(e)
         return JSONResponse(oa.error_body(message, "invalid_request_error", param, 400), status_code=400)
     except InvalidArgument as e:
         return _error(e, chat=False)
+
+
+def _noting(response, ignored: list[str]):
+    """The response, naming the body's fields the server ignored (unknown to it, as vLLM ignores them)
+    in the IGNORED_HEADER header and the replica's log."""
+    if not ignored:
+        return response
+    logger.warning("ignored request fields it does not know: %s", ", ".join(ignored))
+    if isinstance(response, dict):
+        response = JSONResponse(response)
+    response.headers[IGNORED_HEADER] = ", ".join(ignored)[:2048]
+    return response
 
 
 def models(model: str) -> dict:

@@ -13,6 +13,8 @@ from specray.core.speculation import SpeculationConfig
 from specray.engine import EngineRequest
 
 MAX_STOP_CHARS = 256
+MAX_REQUEST_ID_CHARS = 256  # echoed in every stream message
+MAX_LIST = 64  # branching and fan_out (K <= 32 anyway): longer lists are refused before they are read
 
 
 class InvalidArgument(ValueError):
@@ -70,6 +72,8 @@ def prompt_ids(f: RequestFields, limits: Limits, tokenizer) -> list[int]:
         if not ids:
             raise InvalidArgument("prompt", "must not be empty")
         return ids
+    if len(f.prompt_token_ids) > limits.max_context:
+        raise InvalidArgument("prompt_token_ids", f"{len(f.prompt_token_ids)} ids exceed max_context ({limits.max_context})")
     ids = list(f.prompt_token_ids)
     if not ids:
         raise InvalidArgument("prompt_token_ids", "must not be empty")
@@ -95,6 +99,9 @@ def sampling_params(f: RequestFields) -> SamplingParams:
 
 def speculation(f: RequestFields, limits: Limits) -> SpeculationConfig:
     """The request's speculation: each unset field takes the server default's value."""
+    for name in ("branching", "fan_out"):
+        if len(getattr(f, name)) > MAX_LIST:
+            raise InvalidArgument(f"speculation.{name}", f"{len(getattr(f, name))} values; at most {MAX_LIST}")
     base = limits.default_speculation
     mode = f.mode or base.mode
     branching = tuple(f.branching) or (base.branching or limits.tree_branching if mode == "tree" else ())
@@ -121,6 +128,8 @@ def stop_strings(f: RequestFields, limits: Limits) -> tuple[str, ...]:
 
 def to_engine_request(f: RequestFields, limits: Limits, tokenizer, rid: str) -> EngineRequest:
     """The engine request for `f` (rid: the id the engine runs it under), or InvalidArgument."""
+    if len(f.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument("request_id", f"{len(f.request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
     ids = prompt_ids(f, limits, tokenizer)
     params = sampling_params(f)
     spec = speculation(f, limits)

@@ -116,10 +116,19 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client):
     assert done == sorted(done) and done[-1] == 8 and not events[-1]["choices"]  # the last: the usage chunk
 
 
+def test_unknown_fields_are_ignored_and_named_in_a_header(client):
+    """As vLLM: a request with fields the server does not know is answered, and they are named."""
+    raw = client.completions.with_raw_response.create(
+        model="demo", prompt=PROMPT, max_tokens=2,
+        extra_body={"foo": 1, "stream_options": {"include_usage": True, "bar": 2}, "speculation": {"mode": "chain"}})
+    assert raw.http_response.status_code == 200 and raw.parse().usage.completion_tokens >= 1
+    assert raw.headers["x-specray-ignored-fields"] == "foo, stream_options.bar"
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"max_tokens": -1}, "max_tokens"),
     ({"temperature": -0.5}, "temperature"),
-    ({"extra_body": {"foo": 1}}, "foo"),
+    ({"extra_body": {"speculation": {"depth": 3}}}, "speculation.depth"),
     ({"extra_body": {"speculation": {"mode": "tree", "branching": [2, 2], "num_speculative_tokens": 3}}},
      "speculation"),
     ({"prompt": ""}, "prompt"),

@@ -24,6 +24,7 @@ from specray.deployments.openai_api import (
     completion_response,
     describe_validation_error,
     error_body,
+    ignored_fields,
     models_response,
     openai_finish_reason,
     openai_param,
@@ -104,13 +105,8 @@ def test_a_template_refusal_names_messages(tok):
 
 
 @pytest.mark.parametrize("model, body, param, message", [
-    (CompletionRequest, {"prompt": "x", "foo": 1}, "foo", "unknown field 'foo'"),
     (CompletionRequest, {"prompt": "x", "speculation": {"mode": "chain", "depth": 3}},
      "speculation.depth", "unknown field 'speculation.depth'"),
-    (CompletionRequest, {"prompt": "x", "stream_options": {"include_usage": True, "x": 1}},
-     "stream_options.x", "unknown field 'stream_options.x'"),
-    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi", "name": "bob"}]},
-     "messages[0].name", "unknown field 'messages[0].name'"),
     (CompletionRequest, {"prompt": ["a", "b"]}, "prompt", "prompt: one prompt per request"),
     (CompletionRequest, {"prompt": [[1, 2]]}, "prompt", "prompt: must be a string or a list of token ids"),
     (ChatCompletionRequest, {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role",
@@ -128,8 +124,20 @@ def test_bad_bodies_are_described_by_field(model, body, param, message):
 
 
 def test_every_offending_field_is_named():
-    param, message = rejection(CompletionRequest, {"prompt": "x", "foo": 1, "bar": 2})
-    assert (param, message) == ("foo", "unknown field 'foo'; unknown field 'bar'")
+    param, message = rejection(CompletionRequest, {"prompt": "x", "max_tokens": 0, "speculation": {"depth": 3}})
+    want = "max_tokens: Input should be greater than or equal to 1; unknown field 'speculation.depth'"
+    assert (param, message) == ("max_tokens", want)
+
+
+def test_unknown_fields_are_ignored_and_listed_as_vllm_does():
+    """Fields the server does not know, at any depth outside `speculation`, pass and are listed."""
+    body = {"prompt": "x", "foo": 1, "stream_options": {"include_usage": True, "x": 1},
+            "presence_penalty_x": 0.5}
+    req = CompletionRequest.model_validate(body)
+    assert ignored_fields(req) == ["foo", "presence_penalty_x", "stream_options.x"]
+    chat = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi", "name": "bob"}]})
+    assert ignored_fields(chat) == ["messages[0].name"]
+    assert ignored_fields(CompletionRequest.model_validate({"prompt": "x"})) == []
 
 
 def test_a_body_that_is_not_an_object():
@@ -237,3 +245,24 @@ def test_error_body_and_models():
     assert got["object"] == "list" and [m["id"] for m in got["data"]] == ["target", "draft"]
     assert all(m["object"] == "model" and m["owned_by"] == "specray" and isinstance(m["created"], int)
                for m in got["data"])
+
+
+@pytest.mark.parametrize("field, value", [("presence_penalty", 0.5), ("frequency_penalty", -1.0),
+                                          ("repetition_penalty", 1.2), ("min_tokens", 3),
+                                          ("logit_bias", {"5": 10.0})])
+def test_sampling_controls_not_honoured_yet_are_a_400_unless_neutral(field, value):
+    """A penalty silently ignored would change what the client asked for: 400, except at the neutral
+    value that load generators send by default."""
+    with pytest.raises(InvalidArgument) as info:
+        completion_fields(CompletionRequest.model_validate({"prompt": "x", field: value}))
+    assert info.value.field == field
+    neutral = {"repetition_penalty": 1.0, "logit_bias": {}}.get(field, 0)
+    completion_fields(CompletionRequest.model_validate({"prompt": "x", field: neutral}))
+
+
+def test_chat_logprobs_are_a_400(tok):
+    for extra, field in [({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs")]:
+        with pytest.raises(InvalidArgument) as info:
+            chat_fields(ChatCompletionRequest.model_validate({"messages": CHAT, **extra}), tok)
+        assert info.value.field == field
+    chat_fields(ChatCompletionRequest.model_validate({"messages": CHAT, "logprobs": False}), tok)

@@ -101,6 +101,16 @@ def test_greedy_stream_and_unary_equal_the_target(tok):
     (pb.GenerateRequest(prompt=PROMPT, speculation=pb.SpeculationParams(mode=pb.SPECULATION_MODE_TREE,
                                                                         branching=[16, 15])),
      grpc.StatusCode.INVALID_ARGUMENT, "prompt"),  # a 256-node tree: one round's rows overflow the context
+    # sizes refused before anything is read or built
+    (pb.GenerateRequest(request_id="r" * 257, prompt=PROMPT), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+    (pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1] * 100_000)), grpc.StatusCode.INVALID_ARGUMENT,
+     "prompt_token_ids"),
+    (pb.GenerateRequest(prompt=PROMPT, speculation=pb.SpeculationParams(mode=pb.SPECULATION_MODE_TREE,
+                                                                        branching=[2] * 65)),
+     grpc.StatusCode.INVALID_ARGUMENT, "speculation.branching"),
+    (pb.GenerateRequest(prompt=PROMPT, speculation=pb.SpeculationParams(mode=pb.SPECULATION_MODE_TREE,
+                                                                        branching=[2_147_483_647])),
+     grpc.StatusCode.INVALID_ARGUMENT, "speculation"),
 ])
 def test_errors_set_the_status_and_name_the_field(tok, req, code, field):
     service, _ = make_service(tok)
