@@ -72,8 +72,8 @@ def prompt_ids(f: RequestFields, limits: Limits, tokenizer) -> list[int]:
         if not ids:
             raise InvalidArgument("prompt", "must not be empty")
         return ids
-    if len(f.prompt_token_ids) > limits.max_context:
-        raise InvalidArgument("prompt_token_ids", f"{len(f.prompt_token_ids)} ids exceed max_context ({limits.max_context})")
+    if len(f.prompt_token_ids) > limits.max_context:  # refused before the ids are read
+        raise InvalidArgument("prompt", f"{len(f.prompt_token_ids)} tokens exceed max_context ({limits.max_context})")
     ids = list(f.prompt_token_ids)
     if not ids:
         raise InvalidArgument("prompt_token_ids", "must not be empty")

@@ -104,7 +104,7 @@ def test_greedy_stream_and_unary_equal_the_target(tok):
     # sizes refused before anything is read or built
     (pb.GenerateRequest(request_id="r" * 257, prompt=PROMPT), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
     (pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1] * 100_000)), grpc.StatusCode.INVALID_ARGUMENT,
-     "prompt_token_ids"),
+     "prompt"),  # as any prompt beyond the context
     (pb.GenerateRequest(prompt=PROMPT, speculation=pb.SpeculationParams(mode=pb.SPECULATION_MODE_TREE,
                                                                         branching=[2] * 65)),
      grpc.StatusCode.INVALID_ARGUMENT, "speculation.branching"),
