@@ -196,7 +196,7 @@ def test_server_keeps_serving_after_errors(main, references):
 
 
 def test_full_queue_is_resource_exhausted(tiny):
-    long = request(PROMPTS[0], "chain", max_tokens=200)
+    long = request(PROMPTS[0], "off", max_tokens=256)  # one token a round: holds the slot well past the polls
     streams = [tiny.stream(long) for _ in range(2)]  # one runs, one waits
     next(streams[0])
     wait_for(lambda: tiny.info().waiting_requests == 1, 30, "the second request to queue")
