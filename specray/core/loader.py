@@ -166,7 +166,8 @@ def load_shard(path: str, start: int = 0, stop: int | None = None, dtype: str | 
     missing = [hf for names in wanted.values() for hf in names if hf not in source]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    loaded = {names: _to(torch.cat([source[hf] for hf in names]), dtype, device) for names in set(wanted.values())}
+    loaded = {names: _to(source[names[0]] if len(names) == 1 else torch.cat([source[hf] for hf in names]), dtype, device)
+              for names in set(wanted.values())}  # one copy per tensor: no cat of a single part
     shard.load_state_dict({name: loaded[names] for name, names in wanted.items()}, assign=True)
     if shard.is_first and shard.is_last and wanted["lm_head.weight"] == (EMBED,):
         shard.lm_head.weight = shard.embed_tokens.weight  # one parameter, not two copies

@@ -17,7 +17,7 @@ from specray.core.model import Shard, head_logits
 from specray.core.sampling import SamplingParams, draft_law, make_generator, target_probs
 from specray.core.speculation import Speculation
 from specray.core.step import RoundResult, Work
-from specray.core.verify import Outcome, TorchRng, verify_chains, verify_greedy, verify_tree
+from specray.core.verify import Outcome, TorchRng, chain_outcomes, verify_chains, verify_greedy, verify_tree
 
 Prefilled = dict[str, torch.Tensor]  # rid -> hidden [1, n, H] of its prompt (to the next stage)
 Upstream = tuple[Prefilled, torch.Tensor | None] | None  # a stage's output: prefill and round hidden states
@@ -139,7 +139,7 @@ class TargetStage:
                        q: dict[str, torch.Tensor]) -> dict[str, Outcome]:
         """Sampled chains grouped by length K, each group verified on the device in one call: K + 1
         uniforms per request from its own generator (so a seeded request replays whatever its batch),
-        then one [G, 2] copy back (accepted count, emitted token) per group."""
+        then one [G, 3] copy back (accepted count, emitted token, finite) per group."""
         groups: dict[int, list[Speculation]] = {}
         for s in specs:
             groups.setdefault(s.tree.num_nodes, []).append(s)
@@ -151,7 +151,7 @@ class TargetStage:
                              for s in group]).to(device)  # [G, K+1]
             answer = verify_chains(tokens, torch.stack([p[s.rid] for s in group]),
                                    torch.stack([q[s.rid] for s in group]), u).tolist()
-            out.update({s.rid: Outcome(tuple(range(n)), token) for s, (n, token) in zip(group, answer)})
+            out.update(zip((s.rid for s in group), chain_outcomes(answer)))
         return out
 
     @staticmethod

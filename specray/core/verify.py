@@ -29,6 +29,7 @@ from specray.core.sampling import sample
 from specray.core.tree import Tree
 
 RESIDUAL_EPS = 1e-12  # a residual with no more mass than this is treated as empty: keep p
+NON_FINITE = "verification got a non-finite target or draft probability; nothing was accepted"
 
 
 class Rng(Protocol):
@@ -113,7 +114,7 @@ def verify_tree(tree: Tree, tokens: torch.Tensor, p: torch.Tensor, q: torch.Tens
     accept a NaN and emit text of no known law."""
     rows = 1 + tree.num_nodes
     if not bool(torch.isfinite(p[:rows]).all()) or q is not None and not bool(torch.isfinite(q[:rows]).all()):
-        raise ValueError("verification got a non-finite target or draft probability; nothing was accepted")
+        raise ValueError(NON_FINITE)
     accepted: list[int] = []
     node = -1
     while True:
@@ -154,7 +155,8 @@ def verify_chains(tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor, u: tor
 
     tokens # [G, K] int64 drafted tokens; p # [G, K+1, V] fp32 target laws; q # [G, K+1, V] fp32
     draft laws (row K unused); u # [G, K+1] fp64 uniforms in [0, 1): u[:, i] decides token i, u[:, K]
-    draws the correction or bonus. Returns # [G, 2] int64: tokens accepted, then the emitted token."""
+    draws the correction or bonus. Returns # [G, 3] int64: tokens accepted, the emitted token, and 1
+    where every law the row used is finite (chain_outcomes turns it into Outcomes, or raises)."""
     g, k = tokens.shape
     x = tokens[..., None]  # [G, K, 1]
     p_x = p[:, :k].gather(-1, x)[..., 0]  # [G, K]
@@ -174,7 +176,16 @@ def verify_chains(tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor, u: tor
     target = torch.where((accepted == k)[:, None], target, corrected)  # the bonus draws from p itself
     cdf = target.double().cumsum(-1)  # [G, V]
     token = torch.searchsorted(cdf, (u[:, k] * cdf[:, -1])[:, None], right=True)[:, 0]
-    return torch.stack((accepted, token), dim=1)
+    finite = torch.isfinite(p).all((1, 2)) & torch.isfinite(q[:, :k]).all((1, 2))  # [G]
+    return torch.stack((accepted, token, finite.long()), dim=1)
+
+
+def chain_outcomes(answer: list[list[int]]) -> list[Outcome]:
+    """verify_chains' answer, copied to the host, as Outcomes; a non-finite law raises ValueError, as
+    verify_tree does (a NaN ratio must never pass for an accept or a draw)."""
+    if not all(finite for _, _, finite in answer):
+        raise ValueError(NON_FINITE)
+    return [Outcome(tuple(range(n)), token) for n, token, _ in answer]
 
 
 def verify_batch(trees: Sequence[Tree], tokens: Sequence[torch.Tensor] | torch.Tensor,

@@ -132,7 +132,8 @@ async def _events(service: Service, model: str, fields: RequestFields, rid: str,
                   deltas: AsyncIterator[Delta], usage: tuple[bool, bool], chat: bool) -> AsyncIterator[str]:
     """Server-sent events: one chunk per committed block; the last has the finish reason and stats.
     usage: (a last usage chunk, the usage so far in every chunk)."""
-    (last_usage, every_chunk), prompt_tokens = usage, service.prompt_tokens(fields)
+    last_usage, every_chunk = usage
+    prompt_tokens = service.prompt_tokens(fields) if last_usage else 0  # the prompt is encoded again: only if asked
     count, delta, is_first = 0, first, True
     try:
         while True:

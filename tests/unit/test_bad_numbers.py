@@ -10,7 +10,7 @@ from specray.core.loader import load_shard
 from specray.core.sampling import MIN_TEMPERATURE, SamplingParams, draft_law, target_probs
 from specray.core.speculation import MAX_TREE_NODES, MIN_SAGUARO_C, SpeculationConfig
 from specray.core.tree import Tree
-from specray.core.verify import verify_tree
+from specray.core.verify import chain_outcomes, verify_chains, verify_tree
 
 
 def test_a_tiny_positive_temperature_is_raised_to_the_floor():
@@ -66,3 +66,5 @@ def test_a_non_finite_law_is_an_error_not_an_accept(bad):
     (p if bad == "p" else q)[1, 2] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         verify_tree(tree, torch.tensor([1, 2]), p, q, False, rng=None)
+    with pytest.raises(ValueError, match="non-finite"):  # the device-side chain path likewise
+        chain_outcomes(verify_chains(torch.tensor([[1, 2]]), p[None], q[None], torch.zeros(1, 3, dtype=torch.float64)).tolist())
